@@ -1,0 +1,99 @@
+"""Trainer overhead against a plain hand-written PyTorch loop: same model, data, batch size and steps.
+
+    python benchmarks/overhead.py [--epochs 10] [--repeats 7] [--extra-phases 0]
+
+Interleaves repetitions (raw, trainer, raw, trainer, ...) so machine noise hits both alike, and prints
+the median times, the ratio of the medians and the median of the per-pair ratios (the steadier figure
+on a shared machine). The trainer runs with its default callbacks (progress bar,
+console summary, history, metrics.jsonl), no eval set and no checkpoints, so both sides do the same work:
+``epochs`` passes of AdamW steps over the digits train split at batch size 32 on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from examples.digits import make_data, make_model
+
+from phasetrain import RunConfig, Trainer
+
+BATCH_SIZE = 32
+
+
+def raw_loop(train: torch.utils.data.Dataset, epochs: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = torch.utils.data.DataLoader(train, batch_size=BATCH_SIZE, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for inputs, targets in loader:
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def trainer_run(train: torch.utils.data.Dataset, epochs: int, seed: int, extra_phases: int) -> float:
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="overhead-")) / "run"
+    config = RunConfig.from_dict({
+        "run_dir": str(run_dir), "seed": seed,
+        "model": {"target": "examples.digits:make_model"},
+        "loss": "torch.nn:CrossEntropyLoss",
+        "optimizer": {"target": "torch.optim:AdamW", "args": {"lr": 2e-3}},
+        "train": {"epochs": epochs, "batch_size": BATCH_SIZE},
+        "checkpoint": {"every_epochs": 0},
+    })
+    trainer = Trainer(config, train_data=train)
+    add_extra_phases(trainer, extra_phases)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        start = time.perf_counter()
+        trainer.run()
+        return time.perf_counter() - start
+
+
+def add_extra_phases(trainer: Trainer, count: int) -> None:
+    if count:
+        from benchmarks.extra_phases import add_noop_phases
+        add_noop_phases(trainer, count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the timing stable)")
+    parser.add_argument("--extra-phases", type=int, default=0, help="add N no-op phases to the graph")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train = make_data(seed=0)["train"]
+    raw_loop(train, 1, 0), trainer_run(train, 1, 0, args.extra_phases)  # warm up both paths
+    raw_times, trainer_times = [], []
+    for repeat in range(args.repeats):
+        raw_times.append(raw_loop(train, args.epochs, repeat))
+        trainer_times.append(trainer_run(train, args.epochs, repeat, args.extra_phases))
+    raw, trained = statistics.median(raw_times), statistics.median(trainer_times)
+    paired = statistics.median(t / r for t, r in zip(trainer_times, raw_times, strict=True))
+    steps = args.epochs * -(-len(train) // BATCH_SIZE)
+    print(f"steps per run: {steps} (epochs {args.epochs}, batch {BATCH_SIZE}, {len(train)} samples)")
+    print(f"raw loop: median {raw * 1e3:.1f} ms ({raw / steps * 1e6:.0f} us/step)")
+    print(f"trainer:  median {trained * 1e3:.1f} ms ({trained / steps * 1e6:.0f} us/step)")
+    print(f"ratio trainer/raw (medians): {trained / raw:.3f}")
+    print(f"ratio trainer/raw (median of {args.repeats} interleaved pairs): {paired:.3f}")
+
+
+if __name__ == "__main__":
+    main()

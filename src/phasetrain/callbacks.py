@@ -1,0 +1,219 @@
+"""Callbacks: side effects bound to the run's hooks (phase enter/exit, steps, logging).
+
+A callback subclasses ``Callback`` and defines any of the hook methods below. A method named
+``on_...`` that matches no hook (a typo, or a phase that is not in the graph) is an error when the
+trainer is built, never silently ignored. Progress bars, console lines, the run history and
+``metrics.jsonl`` are callbacks too, replaceable like any other.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from phasetrain.errors import CallbackError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from phasetrain.trainer import Trainer
+
+#: Hooks every run has. Phase hooks ``on_enter_<phase>`` / ``on_exit_<phase>`` exist for each phase.
+RUN_HOOKS = (
+    "on_run_start", "on_run_end",
+    "on_train_step_start", "on_before_backward", "on_after_backward", "on_train_step_end",
+    "on_eval_step_start", "on_eval_step_end",
+    "on_log",
+)
+
+
+class Callback:
+    """Base class. Override any hook; each receives the trainer first.
+
+    - ``on_run_start(trainer)`` / ``on_run_end(trainer)``
+    - ``on_enter_<phase>(trainer)`` / ``on_exit_<phase>(trainer)`` for every phase in the graph
+    - ``on_train_step_start(trainer)``: before the first micro-batch of an optimizer step
+    - ``on_before_backward(trainer, loss)`` / ``on_after_backward(trainer)``: each micro-batch
+    - ``on_train_step_end(trainer, loss)``: after the optimizer step; ``loss`` is a detached tensor
+    - ``on_eval_step_start(trainer)`` / ``on_eval_step_end(trainer, batch_output)``
+    - ``on_log(trainer, record)``: a metrics record ``{"phase", "epoch", "step", "kind", "train/loss", ...}``
+
+    Call ``trainer.request_stop(reason)`` to end the run at the next phase boundary. Stateful
+    callbacks implement ``state_dict``/``load_state_dict`` so checkpoints keep their state.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class CallbackList:
+    """Validates callbacks against the hook names and dispatches hooks to those that define them."""
+
+    def __init__(self, callbacks: Iterable[Callback], phases: Iterable[str]) -> None:
+        self.callbacks = list(callbacks)
+        self.hook_names = set(RUN_HOOKS) | {f"on_{edge}_{p}" for p in phases for edge in ("enter", "exit")}
+        for callback in self.callbacks:
+            self._check(callback)
+        # Precompute the bound methods per hook: dispatch in the batch loop is one dict lookup.
+        self._hooks: dict[str, list[Callable[..., Any]]] = {
+            name: [getattr(cb, name) for cb in self.callbacks if callable(getattr(cb, name, None))]
+            for name in self.hook_names
+        }
+
+    def _check(self, callback: Callback) -> None:
+        if not isinstance(callback, Callback):
+            raise CallbackError(f"{callback!r} is a {type(callback).__name__}: callbacks must subclass phasetrain.Callback")
+        unknown = sorted(n for n in dir(callback) if n.startswith("on_") and n not in self.hook_names)
+        if unknown:
+            raise CallbackError(
+                f"{type(callback).__name__} defines {', '.join(unknown)}, which match no hook. "
+                f"Hooks: {', '.join(sorted(self.hook_names))}")
+
+    def has(self, name: str) -> bool:
+        return bool(self._hooks.get(name))
+
+    def fire(self, name: str, trainer: Trainer, *args: Any) -> None:
+        for hook in self._hooks.get(name, ()):
+            hook(trainer, *args)
+
+    def __iter__(self) -> Any:
+        return iter(self.callbacks)
+
+
+# ---- built-in callbacks ------------------------------------------------------------------------
+
+class ProgressBar(Callback):
+    """tqdm bars for train and eval epochs, on the main process only."""
+
+    def __init__(self) -> None:
+        self._bar: tqdm | None = None
+
+    def _open(self, trainer: Trainer, total: int, initial: int, desc: str, leave: bool) -> None:
+        if trainer.accelerator.is_local_main_process:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True, unit="step")
+
+    def on_enter_train_epoch(self, trainer: Trainer) -> None:
+        state = trainer.state
+        self._open(trainer, trainer.steps_per_epoch, 0, f"epoch {state.epoch}/{state.epochs}", leave=False)
+
+    def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        if self._bar is not None:
+            self._bar.update()
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self._bar is not None and "train/loss" in record:
+            self._bar.set_postfix(loss=f"{record['train/loss']:.4f}", refresh=False)
+
+    def on_exit_train_epoch(self, trainer: Trainer) -> None:
+        self._close()
+
+    def on_enter_eval_epoch(self, trainer: Trainer) -> None:
+        self._open(trainer, trainer.eval_batches, 0, "eval", leave=False)
+
+    def on_eval_step_end(self, trainer: Trainer, batch_output: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.update()
+
+    def on_exit_eval_epoch(self, trainer: Trainer) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class ConsoleSummary(Callback):
+    """One line per epoch with the epoch's metrics, and where the outputs are at the end (main process)."""
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if record["kind"] != "epoch" or not trainer.accelerator.is_main_process:
+            return
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if "/" in k)
+        _write(f"epoch {record['epoch']}/{trainer.state.epochs} [{record['phase']}] {metrics}")
+
+    def on_run_end(self, trainer: Trainer) -> None:
+        if trainer.accelerator.is_main_process:
+            run_dir = trainer.run_dir
+            _write(f"run folder: {run_dir}\n  weights: {run_dir / 'model.safetensors'}\n"
+                   f"  metrics: {run_dir / 'metrics.jsonl'}\n  config:  {run_dir / 'config.yaml'}")
+
+
+class HistoryRecorder(Callback):
+    """Keeps ``trainer.run_history`` up to date with every epoch-level record."""
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if record["kind"] == "epoch":
+            for key, value in record.items():
+                if "/" in key:
+                    trainer.run_history.update_metric(key, value)
+
+
+class MetricsFile(Callback):
+    """Appends every record to ``RUN_DIR/metrics.jsonl`` (one JSON object a line; main process only)."""
+
+    def __init__(self) -> None:
+        self.lines_written = 0
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if trainer.accelerator.is_main_process:
+            with open(self.path(trainer), "a") as file:
+                file.write(json.dumps(record) + "\n")
+            self.lines_written += 1
+
+    @staticmethod
+    def path(trainer: Trainer) -> pathlib.Path:
+        return trainer.run_dir / "metrics.jsonl"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lines_written": self.lines_written}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lines_written = int(state["lines_written"])
+
+
+class EarlyStopping(Callback):
+    """Stops the run when ``monitor`` has not improved by ``min_delta`` for ``patience`` evaluations."""
+
+    def __init__(self, monitor: str = "eval/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {mode!r}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best: float | None = None
+        self.bad_evaluations = 0
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if record["kind"] != "epoch" or self.monitor not in record:
+            return
+        value = record[self.monitor]
+        better = self.best is None or (value < self.best - self.min_delta if self.mode == "min"
+                                       else value > self.best + self.min_delta)
+        if better:
+            self.best, self.bad_evaluations = value, 0
+            return
+        self.bad_evaluations += 1
+        if self.bad_evaluations >= self.patience:
+            trainer.request_stop(f"early stopping: {self.monitor} did not improve for {self.patience} evaluations")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evaluations": self.bad_evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evaluations = state["best"], int(state["bad_evaluations"])
+
+
+def default_callbacks() -> list[Callback]:
+    """What every run gets unless the trainer's ``default_callbacks`` is overridden."""
+    return [HistoryRecorder(), MetricsFile(), ConsoleSummary(), ProgressBar()]
+
+
+def _write(text: str) -> None:
+    from tqdm.auto import tqdm
+    tqdm.write(text)

@@ -1,0 +1,328 @@
+"""Checkpoints: atomic folders with a checksummed manifest, retention, and exact resume.
+
+A checkpoint folder ``RUN_DIR/checkpoints/epoch003-step0000168-checkpoint/`` holds:
+
+- ``model.safetensors``            the unwrapped model's weights
+- ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``   state dicts (tensors and plain data only)
+- ``rng-<rank>.pt``                python, numpy, torch CPU/CUDA RNG states of each process
+- ``callbacks.pt``                 every callback's ``state_dict()``
+- ``state.json``                   phase and counters, data order, run history, config, version
+- ``manifest.json``                sha256 and size of every file above, written last
+
+It is written into ``checkpoints/.tmp-<name>``, fsynced, then renamed into place; ``checkpoints/latest``
+(a one-line file naming the newest checkpoint) is replaced last. A crash at any moment leaves the
+previous checkpoint and pointer intact. ``.pt`` files are read with ``torch.load(weights_only=True)``,
+so a checkpoint cannot execute code when loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from phasetrain.errors import CheckpointError
+from phasetrain.rng import capture_rng, restore_rng
+from phasetrain.run_folder import atomic_write_text, fsync_path
+from phasetrain.state import RunState
+
+if TYPE_CHECKING:
+    from phasetrain.trainer import Trainer
+
+FORMAT_VERSION = 1
+
+
+class RunInterrupted(Exception):
+    """Raised after a SIGTERM/SIGINT: the current optimizer step finished and a checkpoint was written."""
+
+    def __init__(self, signal_name: str, checkpoint: pathlib.Path, run_dir: pathlib.Path) -> None:
+        self.checkpoint = checkpoint
+        super().__init__(f"{signal_name} received: saved {checkpoint}; resume with 'phasetrain resume {run_dir}'")
+
+
+class CheckpointManager:
+    """Saves, finds, verifies and loads the checkpoints of one trainer's run."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self._world_size = trainer.accelerator.num_processes
+        self.signal_received: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    @property
+    def folder(self) -> pathlib.Path:
+        return self.trainer.run_folder.checkpoints
+
+    # ---- when ---------------------------------------------------------------------------------
+    def after_optimizer_step(self) -> None:
+        """Mid-epoch checkpoint every ``checkpoint.every_steps`` steps; checkpoint and stop after a signal."""
+        every = self.trainer.config.checkpoint.every_steps
+        if (self.signal_received is not None or self._world_size > 1) and self._signal_agreed():
+            self.stop_for_signal()
+        if every and self.trainer.state.optimizer_step % every == 0:
+            self.save()
+
+    def _signal_agreed(self) -> bool:
+        # With several processes every one must stop at the same step, or the checkpoint's
+        # collectives hang: agree on the flag (one tiny all-reduce; DDP already syncs every step).
+        accelerator = self.trainer.accelerator
+        if self._world_size == 1:
+            return self.signal_received is not None
+        flag = torch.tensor(0 if self.signal_received is None else self.signal_received, device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
+
+    def stop_for_signal(self) -> None:
+        signum = self.signal_received or signal.SIGTERM
+        path = self.save()
+        raise RunInterrupted(signal.Signals(signum).name, path, self.trainer.run_dir)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT set a flag; the train loop finishes its optimizer step, checkpoints and stops."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave signals to the caller
+                return
+
+    def restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signal_received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.signal_received = signum
+
+    # ---- save ---------------------------------------------------------------------------------
+    def save(self) -> pathlib.Path:
+        """Write a checkpoint of the run's current position; returns its folder."""
+        trainer = self.trainer
+        accelerator = trainer.accelerator
+        state = trainer.state
+        name = f"epoch{state.epoch:03d}-step{state.optimizer_step:07d}-{state.phase}"
+        final = self.folder / name
+        tmp = self.folder / f".tmp-{name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_to_tensors(capture_rng()), tmp / f"rng-{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self._write_main_files(tmp)
+            _write_manifest(tmp)
+            if final.exists():  # the same position saved again: replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            fsync_path(self.folder)
+            atomic_write_text(self.folder / "latest", name + "\n")
+            self._apply_retention(name)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _write_main_files(self, tmp: pathlib.Path) -> None:
+        from safetensors.torch import save_model
+        trainer = self.trainer
+        save_model(trainer.accelerator.unwrap_model(trainer.model), str(tmp / "model.safetensors"))
+        torch.save(trainer.optimizer.optimizer.state_dict(), tmp / "optimizer.pt")
+        if trainer.scheduler is not None:
+            torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+        if trainer.accelerator.scaler is not None:
+            torch.save(trainer.accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        torch.save([cb.state_dict() for cb in trainer.callbacks], tmp / "callbacks.pt")
+        monitor = trainer.config.checkpoint.monitor
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "phasetrain_version": _version(),
+            "state": trainer.state.to_dict(),
+            "data_order": {"seed": trainer.config.seed, "shuffle": trainer.config.train.shuffle},
+            "processes": trainer.accelerator.num_processes,
+            "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
+            "history": trainer.run_history.state_dict(),
+            "monitor": {"name": monitor, "value": _latest(trainer, monitor)},
+            "config": trainer.config.to_dict(),
+        }
+        (tmp / "state.json").write_text(json.dumps(metadata, indent=1))
+
+    def _apply_retention(self, newest: str) -> None:
+        cfg = self.trainer.config.checkpoint
+        intact = [c for c in self.all() if c.name != newest]
+        keep = {newest}
+        keep.update(c.name for c in intact[-max(cfg.keep_last - 1, 0):] if cfg.keep_last > 1)
+        ranked = [(v, c.name) for c in [*intact, self.folder / newest] if (v := _monitor_value(c)) is not None]
+        ranked.sort(reverse=cfg.mode == "max")
+        keep.update(name for _, name in ranked[: cfg.keep_best])
+        for checkpoint in intact:
+            if checkpoint.name not in keep:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+
+    # ---- find and verify ------------------------------------------------------------------------
+    def all(self) -> list[pathlib.Path]:
+        """Checkpoint folders, oldest first (by optimizer step, then epoch, then creation)."""
+        if not self.folder.is_dir():
+            return []
+        found = [p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return sorted(found, key=lambda p: (_step_of(p), p.stat().st_mtime_ns))
+
+    def find(self, which: str | os.PathLike[str]) -> pathlib.Path:
+        """``"latest"`` (falling back to the newest intact one, with a warning) or a checkpoint path."""
+        if str(which) != "latest":
+            path = pathlib.Path(which)
+            if not path.is_dir():
+                raise CheckpointError(f"checkpoint {str(path)!r} does not exist (expected a checkpoint folder)")
+            verify(path)
+            return path
+        pointer = self.folder / "latest"
+        named = self.folder / pointer.read_text().strip() if pointer.is_file() else None
+        candidates = ([named] if named else []) + [c for c in reversed(self.all()) if c != named]
+        for candidate in candidates:
+            try:
+                verify(candidate)
+            except CheckpointError as exc:
+                warnings.warn(f"skipping checkpoint: {exc}", stacklevel=3)
+                continue
+            if candidate != named:
+                warnings.warn(f"resuming from {candidate.name}, the newest intact checkpoint "
+                              f"(latest pointed to {named.name if named else 'nothing'})", stacklevel=3)
+            return candidate
+        raise CheckpointError(f"no intact checkpoint in {self.folder} to resume from")
+
+    # ---- load ---------------------------------------------------------------------------------
+    def load(self, path: pathlib.Path) -> None:
+        """Restore model, optimizer, scheduler, scaler, RNG, counters, history, callbacks and the phase."""
+        trainer = self.trainer
+        metadata = json.loads((path / "state.json").read_text())
+        _load_model(trainer.accelerator.unwrap_model(trainer.model), path / "model.safetensors")
+        trainer.optimizer.optimizer.load_state_dict(_load(path / "optimizer.pt"))
+        if trainer.scheduler is not None and (path / "scheduler.pt").exists():
+            trainer.scheduler.load_state_dict(_load(path / "scheduler.pt"))
+        if trainer.accelerator.scaler is not None and (path / "scaler.pt").exists():
+            trainer.accelerator.scaler.load_state_dict(_load(path / "scaler.pt"))
+        self._load_callbacks(metadata["callbacks"], _load(path / "callbacks.pt"))
+        trainer.run_history.load_state_dict(metadata["history"])
+        trainer.state = RunState.from_dict(metadata["state"])
+        trainer.state.epochs = trainer.config.train.epochs
+        rng_file = path / f"rng-{trainer.accelerator.process_index}.pt"
+        if metadata["processes"] != trainer.accelerator.num_processes or not rng_file.exists():
+            warnings.warn(f"resume is not exact: checkpoint was written by {metadata['processes']} processes, "
+                          f"this run has {trainer.accelerator.num_processes}; data shards and RNG streams differ",
+                          stacklevel=3)
+        else:
+            restore_rng(_rng_from_tensors(_load(rng_file)))
+        trainer.set_phase(trainer.state.phase)
+
+    def _load_callbacks(self, names: list[str], states: list[dict[str, Any]]) -> None:
+        current = [type(cb).__name__ for cb in self.trainer.callbacks]
+        if current != names:
+            warnings.warn(f"callbacks differ from the checkpoint's ({names}); restoring state by class name",
+                          stacklevel=4)
+        by_name: dict[str, dict[str, Any]] = dict(zip(names, states, strict=True))
+        for callback in self.trainer.callbacks:
+            if type(callback).__name__ in by_name:
+                callback.load_state_dict(by_name[type(callback).__name__])
+
+
+def verify(path: pathlib.Path) -> None:
+    """Check every file against ``manifest.json``; raise CheckpointError naming the first bad one."""
+    manifest_file = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"checkpoint {path} has no readable manifest.json (incomplete or corrupted)") from None
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if file.stat().st_size != expected["size"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is {file.stat().st_size} bytes, "
+                                  f"manifest says {expected['size']} (truncated or corrupted)")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (corrupted)")
+
+
+def _write_manifest(folder: pathlib.Path) -> None:
+    files = {p.name: {"sha256": _sha256(p), "size": p.stat().st_size}
+             for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+    (folder / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+    for p in folder.iterdir():
+        fsync_path(p)
+    fsync_path(folder)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load(path: pathlib.Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - includes the refusal to unpickle code
+        raise CheckpointError(f"cannot load {path} as plain tensors and data ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _load_model(model: torch.nn.Module, path: pathlib.Path) -> None:
+    from safetensors.torch import load_file
+    saved = load_file(str(path))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    # save_model drops tied duplicates; a key missing only because it is tied is not a mismatch.
+    tied = {k for k in missing if any(expected[k].data_ptr() == expected[o].data_ptr() for o in saved if o in expected)}
+    missing = [k for k in missing if k not in tied]
+    shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in saved if k in expected and saved[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
+                 f"shape mismatches [{'; '.join(shapes)}]" if shapes else ""]
+        raise CheckpointError(f"checkpoint {path.parent} does not match the configured model "
+                              f"{type(model).__name__}: " + ", ".join(p for p in parts if p))
+    model.load_state_dict(saved, strict=not tied)
+
+
+def _rng_to_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    return {**state, "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                               "has_gauss": has_gauss, "cached": cached}}
+
+
+def _rng_from_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    n = state["numpy"]
+    numpy_state = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    return {**state, "numpy": numpy_state}
+
+
+def _latest(trainer: Trainer, metric: str) -> float | None:
+    return trainer.run_history.get_latest_metric(metric) if metric in trainer.run_history.get_metric_names() else None
+
+
+def _monitor_value(checkpoint: pathlib.Path) -> float | None:
+    try:
+        return json.loads((checkpoint / "state.json").read_text())["monitor"]["value"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _step_of(path: pathlib.Path) -> tuple[int, int]:
+    try:
+        epoch, step = path.name.split("-")[:2]
+        return int(step.removeprefix("step")), int(epoch.removeprefix("epoch"))
+    except ValueError:
+        return -1, -1
+
+
+def _version() -> str:
+    from phasetrain import __version__
+    return __version__

@@ -1,0 +1,96 @@
+"""Build the run's components from import specs, letting objects passed to ``Trainer`` override them."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from phasetrain.callbacks import Callback
+from phasetrain.config import ImportSpec, RunConfig
+from phasetrain.data import check_dataset
+from phasetrain.errors import ConfigError, DataError
+
+
+@dataclass
+class Components:
+    model: torch.nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_data: Any
+    eval_data: Any
+    test_data: Any
+    metrics: dict[str, Any] = field(default_factory=dict)
+    callbacks: list[Callback] = field(default_factory=list)
+
+
+def build_components(cfg: RunConfig, *, model: torch.nn.Module | None, loss_fn: Any,
+                     optimizer: torch.optim.Optimizer | None, train_data: Any, eval_data: Any,
+                     metrics: Mapping[str, Any] | None) -> Components:
+    model = model if model is not None else _build(cfg.model, "model", "Trainer(model=...)")
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    loss_fn = loss_fn if loss_fn is not None else _build(cfg.loss, "loss", "Trainer(loss_fn=...)")
+    if not callable(loss_fn):
+        raise ConfigError(f"loss: expected a callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
+    optimizer = _optimizer(cfg, model, optimizer)
+    scheduler = cfg.scheduler.build(optimizer, what="scheduler") if cfg.scheduler else None
+    datasets = _datasets(cfg, train_data, eval_data)
+    built_metrics = dict(metrics) if metrics is not None else {
+        name: spec.build(what=f"metrics.{name}") for name, spec in cfg.metrics.items()}
+    callbacks = [_callback(spec, i) for i, spec in enumerate(cfg.callbacks)]
+    return Components(model, loss_fn, optimizer, scheduler, datasets["train"], datasets.get("eval"),
+                      datasets.get("test"), built_metrics, callbacks)
+
+
+def _build(spec: ImportSpec | None, name: str, alternative: str, *leading: Any) -> Any:
+    if spec is None:
+        raise ConfigError(f"no {name}: set '{name}: {{target: module:attr, args: {{...}}}}' in the config "
+                          f"or pass {alternative}")
+    return spec.build(*leading, what=name)
+
+
+def _optimizer(cfg: RunConfig, model: torch.nn.Module, given: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
+    if given is None:
+        optimizer = _build(cfg.optimizer, "optimizer", "Trainer(optimizer=...)", model.parameters())
+    else:
+        optimizer = given
+        owned = {id(p) for p in model.parameters()}
+        if any(id(p) not in owned for group in optimizer.param_groups for p in group["params"]):
+            raise ConfigError("optimizer: the optimizer passed holds parameters that are not the model's; "
+                              "pass the model it was built for as Trainer(model=...)")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _datasets(cfg: RunConfig, train_data: Any, eval_data: Any) -> dict[str, Any]:
+    datasets: dict[str, Any] = {}
+    if train_data is None or (eval_data is None and cfg.data is not None):
+        built = _build(cfg.data, "data", "Trainer(train_data=..., eval_data=...)")
+        if not isinstance(built, Mapping) or "train" not in built:
+            raise ConfigError(f"data: {cfg.data.target if cfg.data else ''} must return a dict with a 'train' "
+                              f"dataset (and optional 'eval', 'test'); got {type(built).__name__}"
+                              + (f" with keys {sorted(built)}" if isinstance(built, Mapping) else ""))
+        unknown = set(built) - {"train", "eval", "test"}
+        if unknown:
+            raise ConfigError(f"data: unexpected keys {sorted(unknown)}; expected 'train', 'eval', 'test'")
+        datasets.update(built)
+    if train_data is not None:
+        datasets["train"] = train_data
+    if eval_data is not None:
+        datasets["eval"] = eval_data
+    for split in ("train", "eval", "test"):
+        if split in datasets and (split == "train" or datasets[split] is not None):
+            check_dataset(datasets[split], f"{split} dataset" if split != "train" else "train dataset")
+    return datasets
+
+
+def _callback(spec: ImportSpec, index: int) -> Callback:
+    callback = spec.build(what=f"callbacks[{index}]")
+    if not isinstance(callback, Callback):
+        raise DataError(f"callbacks[{index}]: {spec.target} built a {type(callback).__name__}, "
+                        "expected a phasetrain.Callback")
+    return callback

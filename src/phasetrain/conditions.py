@@ -1,0 +1,73 @@
+"""Conditions on graph edges: named predicates over the trainer, composable with ``&``, ``|`` and ``~``.
+
+Each carries a label, so a rendered graph shows why an edge is taken (``eval_due``, ``every 2 epochs``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from phasetrain.trainer import Trainer
+
+
+class Condition:
+    """A labelled predicate ``trainer -> bool``.
+
+    Example::
+
+        when = every_n_epochs(2) & ~on_last_epoch()
+        when.label  # 'every 2 epochs and not last epoch'
+    """
+
+    def __init__(self, predicate: Callable[[Trainer], bool], label: str) -> None:
+        self.predicate = predicate
+        self.label = label
+
+    def __call__(self, trainer: Trainer) -> bool:
+        return bool(self.predicate(trainer))
+
+    def __and__(self, other: Condition) -> Condition:
+        return Condition(lambda t: self(t) and other(t), f"{self.label} and {other.label}")
+
+    def __or__(self, other: Condition) -> Condition:
+        return Condition(lambda t: self(t) or other(t), f"({self.label} or {other.label})")
+
+    def __invert__(self) -> Condition:
+        return Condition(lambda t: not self(t), f"not {self.label}")
+
+    def __repr__(self) -> str:
+        return f"Condition({self.label!r})"
+
+
+def every_n_epochs(n: int) -> Condition:
+    """True after epochs n, 2n, 3n, ..."""
+    if n < 1:
+        raise ValueError(f"every_n_epochs needs n >= 1, got {n}")
+    return Condition(lambda t: t.state.epoch % n == 0, f"every {n} epochs" if n > 1 else "every epoch")
+
+
+def on_last_epoch() -> Condition:
+    """True once the last configured epoch has been trained."""
+    return Condition(lambda t: t.state.is_last_epoch, "last epoch")
+
+
+def eval_due() -> Condition:
+    """Eval data exists and the epoch is a multiple of ``train.eval_every`` or the last one."""
+    def due(t: Trainer) -> bool:
+        every = t.config.train.eval_every
+        return t.eval_data is not None and (t.state.epoch % every == 0 or t.state.is_last_epoch)
+    return Condition(due, "eval_due")
+
+
+def checkpoint_due() -> Condition:
+    """``checkpoint.every_epochs`` > 0 and the epoch is a multiple of it or the last one."""
+    def due(t: Trainer) -> bool:
+        every = t.config.checkpoint.every_epochs
+        return every > 0 and (t.state.epoch % every == 0 or t.state.is_last_epoch)
+    return Condition(due, "checkpoint_due")
+
+
+def run_finished() -> Condition:
+    """The last epoch is done or a callback asked the run to stop."""
+    return Condition(lambda t: t.state.finished, "finished")

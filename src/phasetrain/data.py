@@ -1,0 +1,76 @@
+"""Data order owned by phasetrain: each epoch's order is drawn from (run seed, epoch) alone.
+
+Why not accelerate's prepared dataloader: an exact resume needs the order of epoch k to be a pure
+function of the seed and k, and a mid-epoch resume needs to skip consumed batches by index without
+loading them. Drawing the shuffle from the global RNG (what a plain ``shuffle=True`` loader does)
+breaks both; so does the DataLoader drawing its worker base seed from the global RNG. Here the
+sampler has its own generator and the loader gets its own ``generator`` for the worker seed.
+The sampler also shards batches across processes, so no wrapper runs per batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from phasetrain.errors import DataError
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's data order: depends on nothing but the run seed and the epoch number."""
+    return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
+
+
+class EpochBatchSampler:
+    """Yields this process's batches (lists of dataset indices) for one epoch, from batch ``skip`` on.
+
+    The permutation is computed eagerly from its own generator, never the global RNG. With several
+    processes, ``pad=True`` (training) repeats the first indices so every process gets the same
+    number of batches (DDP needs that); ``pad=False`` (evaluation) shards without duplicates.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
+                 epoch: int, rank: int = 0, world_size: int = 1, pad: bool = True, skip: int = 0) -> None:
+        order = list(range(size))
+        if shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+            order = torch.randperm(size, generator=generator).tolist()
+        if world_size > 1:
+            if pad and size % world_size:
+                order += order[: world_size - size % world_size]
+            order = order[rank::world_size]
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        self.batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+        self.skip = skip
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches[self.skip :])
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.skip
+
+
+def check_dataset(dataset: Any, name: str) -> None:
+    """Refuse what cannot be batched: not a dataset, or empty."""
+    if dataset is None:
+        raise DataError(f"{name} is missing: expected a torch Dataset")
+    if isinstance(dataset, IterableDataset):
+        return  # length unknown until iterated; resume warns that it cannot be exact
+    if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
+        raise DataError(f"{name} is a {type(dataset).__name__}: expected a map-style torch Dataset "
+                        "(with __len__ and __getitem__)")
+    if len(dataset) == 0:
+        raise DataError(f"{name} is empty (0 samples): expected at least one sample")
+
+
+def make_loader(dataset: Dataset[Any], sampler: EpochBatchSampler, *, num_workers: int, seed: int,
+                pin_memory: bool, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader[Any]:
+    """A plain DataLoader over ``sampler``; its own generator keeps the global RNG untouched."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,29 @@
+"""The exceptions phasetrain raises for bad input: one readable message each, no traceback needed."""
+from __future__ import annotations
+
+
+class PhasetrainError(Exception):
+    """Base class: something the user gave (config, data, model, checkpoint) is not what the run needs.
+
+    The CLI prints these as one line (``phasetrain: error: ...``) instead of a traceback.
+    """
+
+
+class ConfigError(PhasetrainError, ValueError):
+    """The run config has an unknown key, a wrong type, a bad value or an import spec that does not resolve."""
+
+
+class DataError(PhasetrainError, ValueError):
+    """A dataset is missing, empty or yields batches the model/loss cannot use."""
+
+
+class RunDirError(PhasetrainError):
+    """The run folder cannot be used as asked (for example it already holds a finished run)."""
+
+
+class CallbackError(PhasetrainError, TypeError):
+    """A callback defines a hook that does not exist or names a phase that is not in the graph."""
+
+
+class CheckpointError(PhasetrainError):
+    """A checkpoint is missing, truncated, corrupted, unsafe to load or does not match the model."""

@@ -1,0 +1,105 @@
+"""The run folder: ``config.yaml``, ``metrics.jsonl``, ``model.safetensors``, ``checkpoints/``.
+
+A folder that already holds a run is never silently reused: a finished one is refused, an unfinished
+one is left for ``phasetrain resume``, unless the config says ``overwrite: true``.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+from phasetrain.errors import RunDirError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from phasetrain.config import RunConfig
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "model.safetensors", "checkpoints")
+
+
+class RunFolder:
+    """Paths of one run and the few writes that touch them outside checkpoints."""
+
+    def __init__(self, path: pathlib.Path, is_main_process: bool) -> None:
+        self.path = path
+        self.is_main_process = is_main_process
+
+    @property
+    def checkpoints(self) -> pathlib.Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final_weights(self) -> pathlib.Path:
+        return self.path / "model.safetensors"
+
+    def holds_run(self) -> bool:
+        return any((self.path / name).exists() for name in RUN_FILES)
+
+    def claim(self, config: RunConfig) -> None:
+        """Create the folder for a new run and write ``config.yaml``; refuse one that holds a run."""
+        if not self.is_main_process:
+            return
+        if self.holds_run():
+            if not config.overwrite:
+                raise RunDirError(self._occupied_message())
+            for name in RUN_FILES:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.yaml", config.to_yaml())
+
+    def _occupied_message(self) -> str:
+        if self.final_weights.exists():
+            return (f"run_dir {str(self.path)!r} already holds a finished run (model.safetensors); "
+                    f"choose another run_dir (e.g. run_dir={self.path}-2) or set overwrite=true to replace it")
+        return (f"run_dir {str(self.path)!r} already holds an unfinished run; continue it with "
+                f"'phasetrain resume {self.path}', choose another run_dir, or set overwrite=true to replace it")
+
+    def write_final_weights(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
+        """Write the unwrapped model's weights as safetensors, atomically, from the main process."""
+        accelerator.wait_for_everyone()
+        if self.is_main_process:
+            from safetensors.torch import save_model
+            with atomic_path(self.final_weights) as tmp:
+                save_model(accelerator.unwrap_model(model), str(tmp))
+        accelerator.wait_for_everyone()
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextmanager
+def atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    Readers see the old file or the new one, never a half-written one, whatever happens meanwhile.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = pathlib.Path(name)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_path(path: pathlib.Path) -> None:
+    """fsync a file or folder so a rename that follows cannot land before its contents."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,65 @@
+"""Shared helpers: digits configs in a temporary run folder, and callbacks that record what happened."""
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any
+
+import pytest
+import torch
+
+from examples.digits import make_data
+from phasetrain import Callback, RunConfig
+
+
+@functools.cache
+def digits() -> dict[str, torch.utils.data.Dataset]:
+    return make_data(seed=0)
+
+
+def digits_config(run_dir: pathlib.Path, **sections: Any) -> RunConfig:
+    """The examples/digits.yaml run, shortened, in ``run_dir``; ``sections`` are merged over it."""
+    base: dict[str, Any] = {
+        "run_dir": str(run_dir), "seed": 0,
+        "model": {"target": "examples.digits:make_model", "args": {"hidden": 64}},
+        "data": {"target": "examples.digits:make_data"},
+        "loss": "torch.nn:CrossEntropyLoss",
+        "optimizer": {"target": "torch.optim:AdamW", "args": {"lr": 0.003}},
+        "metrics": {"accuracy": {"target": "torchmetrics.classification:MulticlassAccuracy",
+                                 "args": {"num_classes": 10, "average": "micro"}}},
+        "train": {"epochs": 2, "batch_size": 32, "progress_bar": False},
+        "checkpoint": {"every_epochs": 0},
+    }
+    for key, value in sections.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return RunConfig.from_dict(base)
+
+
+@pytest.fixture
+def config(tmp_path: pathlib.Path) -> RunConfig:
+    return digits_config(tmp_path / "run")
+
+
+class PhaseRecorder(Callback):
+    """Records every phase the machine enters, with the epoch at that moment."""
+
+    def __init__(self) -> None:
+        self.visited: list[str] = []
+
+    def _enter(self, phase: str) -> None:
+        self.visited.append(phase)
+
+    def on_enter_setup(self, trainer: Any) -> None:
+        self._enter("setup")
+
+    def on_enter_train_epoch(self, trainer: Any) -> None:
+        self._enter(f"train_epoch:{trainer.state.epoch}")
+
+    def on_enter_eval_epoch(self, trainer: Any) -> None:
+        self._enter(f"eval_epoch:{trainer.state.epoch}")
+
+    def on_enter_checkpoint(self, trainer: Any) -> None:
+        self._enter(f"checkpoint:{trainer.state.epoch}")
+
+    def on_enter_done(self, trainer: Any) -> None:
+        self._enter("done")

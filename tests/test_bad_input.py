@@ -1,0 +1,118 @@
+"""Bad input stops before training with one readable message, and loses nothing."""
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from phasetrain import Callback, CallbackError, ConfigError, DataError, RunConfig, RunDirError, Trainer
+from tests.conftest import digits, digits_config
+
+
+def test_unknown_key_names_the_field_and_suggests_the_right_one() -> None:
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict({"train": {"epoch": 3}})
+    message = str(info.value)
+    assert "train.epoch: unknown key, did you mean 'epochs'?" in message
+    assert "\n" not in message
+
+
+def test_wrong_type_and_negative_epochs_name_field_value_and_expectation() -> None:
+    with pytest.raises(ConfigError, match=r"train.batch_size: Input should be a valid integer.*\(got 'big'\)"):
+        RunConfig.from_dict({"train": {"batch_size": "big"}})
+    with pytest.raises(ConfigError, match=r"train.epochs: Input should be greater than or equal to 1 \(got -2\)"):
+        RunConfig.from_dict({}, overrides=["train.epochs=-2"])
+    with pytest.raises(ConfigError, match="mixed_precision: Input should be 'no', 'fp16' or 'bf16'"):
+        RunConfig.from_dict({"train": {"mixed_precision": "fp8"}})
+
+
+def test_malformed_override_and_file_errors() -> None:
+    with pytest.raises(ConfigError, match="expected 'dotted.key=value'"):
+        RunConfig.from_dict({}, overrides=["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.from_file("no/such/config.yaml")
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("examples.digits", "expected 'module:attribute'"),
+    ("examples.nothere:make_model", "cannot import module 'examples.nothere'"),
+    ("examples.digits:make_modle", "module 'examples.digits' has no attribute 'make_modle'"),
+])
+def test_import_spec_that_does_not_resolve(tmp_path: pathlib.Path, target: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        Trainer(digits_config(tmp_path / "run", model={"target": target}))
+
+
+def test_wrong_component_arguments_name_the_spec(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match=r"model: calling examples.digits:make_model with args .*'width'"):
+        Trainer(digits_config(tmp_path / "run", model={"args": {"width": 3}}))
+
+
+def test_missing_component_says_how_to_provide_it(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match=r"no optimizer: set 'optimizer: .*or pass Trainer\(optimizer=...\)"):
+        Trainer(digits_config(tmp_path / "run", optimizer=None))
+
+
+def test_empty_dataset_is_named(tmp_path: pathlib.Path) -> None:
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(DataError, match=r"train dataset is empty \(0 samples\)"):
+        Trainer(digits_config(tmp_path / "run"), train_data=empty)
+    with pytest.raises(DataError, match=r"eval dataset is empty"):
+        Trainer(digits_config(tmp_path / "run"), train_data=digits()["train"], eval_data=empty)
+
+
+def test_model_output_that_does_not_fit_the_loss_stops_before_training(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run")
+    wrong = torch.nn.Linear(64, 3)  # 3 logits for 10 classes
+    trainer = Trainer(config, model=wrong)
+    before = wrong.weight.detach().clone()
+    with pytest.raises(DataError, match=r"model output does not fit the loss: Linear gives a torch.float32 tensor "
+                                        r"of shape \(2, 3\), targets are a torch.int64 tensor of shape \(2,\)"):
+        trainer.run()
+    assert torch.equal(wrong.weight, before)  # nothing trained
+
+
+def test_non_scalar_loss_is_refused(tmp_path: pathlib.Path) -> None:
+    trainer = Trainer(digits_config(tmp_path / "run"), loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(DataError, match="must return a scalar tensor"):
+        trainer.run()
+
+
+def test_finished_run_is_never_overwritten(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 1})
+    Trainer(config).run()
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(RunDirError, match="already holds a finished run"):
+        Trainer(config).run()
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    Trainer(config.with_overrides(["overwrite=true", "seed=1"])).run()
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() != weights
+
+
+def test_unknown_callback_hook_fails_at_construction(tmp_path: pathlib.Path) -> None:
+    class Typo(Callback):
+        def on_train_step_ned(self, trainer: Trainer, loss: torch.Tensor) -> None: ...
+
+    class NoSuchPhase(Callback):
+        def on_enter_test(self, trainer: Trainer) -> None: ...
+
+    with pytest.raises(CallbackError, match="Typo defines on_train_step_ned, which match no hook"):
+        Trainer(digits_config(tmp_path / "run"), callbacks=[Typo()])
+    with pytest.raises(CallbackError, match="on_enter_test"):
+        Trainer(digits_config(tmp_path / "run"), callbacks=[NoSuchPhase()])
+
+
+def test_cli_prints_one_line_for_a_config_typo(tmp_path: pathlib.Path) -> None:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "phasetrain.cli", "run", "examples/digits.yaml",
+                             f"run_dir={tmp_path / 'run'}", "train.epohcs=2"],
+                            capture_output=True, text=True, cwd=root)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "phasetrain: error: examples/digits.yaml: invalid config: train.epohcs: unknown key, did you mean 'epochs'? "
+        "(known keys: epochs, batch_size, eval_batch_size, grad_accum_steps, max_grad_norm, mixed_precision, "
+        "num_workers, eval_every, shuffle, drop_last, log_every_steps, progress_bar)"]
+    assert not (tmp_path / "run").exists()
