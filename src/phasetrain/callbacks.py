@@ -99,6 +99,12 @@ class ProgressBar(Callback):
             from tqdm.auto import tqdm
             self._bar = tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True, unit="step")
 
+    def on_run_start(self, trainer: Trainer) -> None:
+        state = trainer.state
+        if state.phase == "train_epoch" and not state.phase_complete:  # resumed mid-epoch
+            done = -(-state.batch_in_epoch // trainer.config.train.grad_accum_steps)
+            self._open(trainer, trainer.steps_per_epoch, done, f"epoch {state.epoch}/{state.epochs}", leave=False)
+
     def on_enter_train_epoch(self, trainer: Trainer) -> None:
         state = trainer.state
         self._open(trainer, trainer.steps_per_epoch, 0, f"epoch {state.epoch}/{state.epochs}", leave=False)
@@ -161,6 +167,13 @@ class MetricsFile(Callback):
 
     def __init__(self) -> None:
         self.lines_written = 0
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        # After a resume, drop the records written after the checkpoint: the run writes them again.
+        path = self.path(trainer)
+        if trainer.accelerator.is_main_process and self.lines_written and path.exists():
+            kept = path.read_text().splitlines(keepends=True)[: self.lines_written]
+            path.write_text("".join(kept))
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if trainer.accelerator.is_main_process:

@@ -220,14 +220,16 @@ class CheckpointManager:
         trainer.set_phase(trainer.state.phase)
 
     def _load_callbacks(self, names: list[str], states: list[dict[str, Any]]) -> None:
-        current = [type(cb).__name__ for cb in self.trainer.callbacks]
-        if current != names:
-            warnings.warn(f"callbacks differ from the checkpoint's ({names}); restoring state by class name",
-                          stacklevel=4)
-        by_name: dict[str, dict[str, Any]] = dict(zip(names, states, strict=True))
+        """Give each callback the saved state of the same class, in order; warn about state left over."""
+        saved = list(zip(names, states, strict=True))
         for callback in self.trainer.callbacks:
-            if type(callback).__name__ in by_name:
-                callback.load_state_dict(by_name[type(callback).__name__])
+            match = next((entry for entry in saved if entry[0] == type(callback).__name__), None)
+            if match is not None:
+                saved.remove(match)
+                callback.load_state_dict(match[1])
+        leftover = [name for name, state in saved if state]
+        if leftover:
+            warnings.warn(f"the checkpoint holds state of callbacks this run does not have: {leftover}", stacklevel=4)
 
 
 def verify(path: pathlib.Path) -> None:

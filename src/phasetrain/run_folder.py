@@ -31,6 +31,7 @@ class RunFolder:
     def __init__(self, path: pathlib.Path, is_main_process: bool) -> None:
         self.path = path
         self.is_main_process = is_main_process
+        self.restarting = False  # resume found no checkpoint: this run may reuse its own unfinished folder
 
     @property
     def checkpoints(self) -> pathlib.Path:
@@ -48,7 +49,7 @@ class RunFolder:
         if not self.is_main_process:
             return
         if self.holds_run():
-            if not config.overwrite:
+            if not (config.overwrite or self.restarting):
                 raise RunDirError(self._occupied_message())
             for name in RUN_FILES:
                 target = self.path / name

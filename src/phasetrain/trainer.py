@@ -11,8 +11,10 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -91,7 +93,12 @@ class Trainer:
             if self.run_folder.final_weights.exists():
                 _say(f"run {self.run_dir} is finished ({self.run_folder.final_weights.name} written); nothing to resume")
                 return self.run_history
-            self.checkpoints.load(self.checkpoints.find(resume))
+            if str(resume) == "latest" and not self.checkpoints.all():
+                warnings.warn(f"no checkpoint in {self.run_folder.checkpoints} yet: starting the run from the "
+                              "beginning", stacklevel=2)
+                self.run_folder.restarting = True
+            else:
+                self.checkpoints.load(self.checkpoints.find(resume))
         self.checkpoints.install_signal_handlers()
         try:
             self._walk()
@@ -159,7 +166,12 @@ class Trainer:
         """This process's batches of the current epoch, skipping the first ``skip_batches`` without loading them."""
         cfg = self.config.train
         if isinstance(self.train_data, IterableDataset):
-            return DataLoader(self.train_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+            loader = DataLoader(self.train_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+            if skip_batches:
+                warnings.warn("resume is not exact: the train dataset is an IterableDataset, whose order "
+                              f"phasetrain does not own; skipping {skip_batches} batches by loading them", stacklevel=2)
+                return itertools.islice(loader, skip_batches, None)
+            return loader
         sampler = self._sampler(self.train_data, cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last,
                                 pad=True, skip=skip_batches)
         return make_loader(self.train_data, sampler, num_workers=cfg.num_workers, pin_memory=self._move_batches,
