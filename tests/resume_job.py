@@ -9,6 +9,7 @@ import os
 import pathlib
 import signal
 import sys
+from typing import Any
 
 import torch
 
@@ -20,11 +21,11 @@ def crash_in_nth_save(n: int) -> None:
     original = checkpoint_module._write_manifest
     calls = {"count": 0}
 
-    def write_half_then_die(folder: pathlib.Path) -> None:
+    def write_half_then_die(folder: pathlib.Path, files: dict[str, Any]) -> None:
         calls["count"] += 1
         if calls["count"] == n:
             os.kill(os.getpid(), signal.SIGKILL)
-        original(folder)
+        original(folder, files)
 
     checkpoint_module._write_manifest = write_half_then_die
 

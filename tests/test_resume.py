@@ -242,8 +242,8 @@ def test_a_pickle_with_code_in_it_is_not_executed(crashed_run: pathlib.Path, tmp
     torch.save({"state": {}, "param_groups": [], "payload": Exploit()}, checkpoint / "optimizer.pt")
     # Re-sign the manifest so the checksum passes: the loader itself must refuse the code.
     manifest = json.loads((checkpoint / "manifest.json").read_text())
-    from phasetrain.checkpoint import _sha256
-    manifest["files"]["optimizer.pt"] = {"sha256": _sha256(checkpoint / "optimizer.pt"),
+    from phasetrain.checkpoint import _crc32
+    manifest["files"]["optimizer.pt"] = {"crc32": _crc32(checkpoint / "optimizer.pt"),
                                          "size": (checkpoint / "optimizer.pt").stat().st_size}
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     trainer = Trainer(digits_config(crashed_run))

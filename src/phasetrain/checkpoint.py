@@ -7,7 +7,7 @@ A checkpoint folder ``RUN_DIR/checkpoints/epoch003-step0000168-checkpoint/`` hol
 - ``rng-<rank>.pt``                python, numpy, torch CPU/CUDA RNG states of each process
 - ``callbacks.pt``                 every callback's ``state_dict()``
 - ``state.json``                   phase and counters, data order, run history, config, version
-- ``manifest.json``                sha256 and size of every file above, written last
+- ``manifest.json``                CRC-32 and size of every file above, written last
 
 It is written into ``checkpoints/.tmp-<name>``, fsynced, then renamed into place; ``checkpoints/latest``
 (a one-line file naming the newest checkpoint) is replaced last. A crash at any moment leaves the
@@ -16,13 +16,15 @@ so a checkpoint cannot execute code when loaded.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
 import shutil
 import signal
 import warnings
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -117,8 +119,16 @@ class CheckpointManager:
         torch.save(_rng_to_tensors(capture_rng()), tmp / f"rng-{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self._write_main_files(tmp)
-            _write_manifest(tmp)
+            # Each file is hashed and fsynced on a worker thread as soon as it is closed, while the
+            # next one is serialized (hashlib and file I/O release the GIL): the checksums and the
+            # durability cost little more than the writes themselves.
+            with ThreadPoolExecutor(max_workers=2) as finisher:
+                digests: dict[str, Future[dict[str, Any]]] = {}
+                for path in self._write_main_files(tmp):
+                    digests[path.name] = finisher.submit(_digest_and_sync, path)
+                for path in tmp.glob("rng-*.pt"):
+                    digests[path.name] = finisher.submit(_digest_and_sync, path)
+                _write_manifest(tmp, {name: future.result() for name, future in sorted(digests.items())})
             if final.exists():  # the same position saved again: replace it
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -128,16 +138,22 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         return final
 
-    def _write_main_files(self, tmp: pathlib.Path) -> None:
+    def _write_main_files(self, tmp: pathlib.Path) -> Iterator[pathlib.Path]:
+        """Write the main process's files, yielding each path once it is closed (largest first)."""
         from safetensors.torch import save_model
         trainer = self.trainer
-        save_model(trainer.accelerator.unwrap_model(trainer.model), str(tmp / "model.safetensors"))
         torch.save(trainer.optimizer.optimizer.state_dict(), tmp / "optimizer.pt")
+        yield tmp / "optimizer.pt"
+        save_model(trainer.accelerator.unwrap_model(trainer.model), str(tmp / "model.safetensors"))
+        yield tmp / "model.safetensors"
         if trainer.scheduler is not None:
             torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+            yield tmp / "scheduler.pt"
         if trainer.accelerator.scaler is not None:
             torch.save(trainer.accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            yield tmp / "scaler.pt"
         torch.save([cb.state_dict() for cb in trainer.callbacks], tmp / "callbacks.pt")
+        yield tmp / "callbacks.pt"
         monitor = trainer.config.checkpoint.monitor
         metadata = {
             "format_version": FORMAT_VERSION,
@@ -151,6 +167,7 @@ class CheckpointManager:
             "config": trainer.config.to_dict(),
         }
         (tmp / "state.json").write_text(json.dumps(metadata, indent=1))
+        yield tmp / "state.json"
 
     def _apply_retention(self, newest: str) -> None:
         cfg = self.trainer.config.checkpoint
@@ -246,25 +263,33 @@ def verify(path: pathlib.Path) -> None:
         if file.stat().st_size != expected["size"]:
             raise CheckpointError(f"checkpoint {path}: {name} is {file.stat().st_size} bytes, "
                                   f"manifest says {expected['size']} (truncated or corrupted)")
-        if _sha256(file) != expected["sha256"]:
+        if _crc32(file) != expected["crc32"]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (corrupted)")
 
 
-def _write_manifest(folder: pathlib.Path) -> None:
-    files = {p.name: {"sha256": _sha256(p), "size": p.stat().st_size}
-             for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
-    (folder / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
-    for p in folder.iterdir():
-        fsync_path(p)
+def _digest_and_sync(path: pathlib.Path) -> dict[str, Any]:
+    """CRC-32 and size of a closed file, after making its contents durable."""
+    fsync_path(path)
+    return {"crc32": _crc32(path), "size": path.stat().st_size}
+
+
+def _write_manifest(folder: pathlib.Path, files: dict[str, dict[str, Any]]) -> None:
+    """Write the manifest last: a folder without a valid one is an incomplete checkpoint."""
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+    fsync_path(manifest)
     fsync_path(folder)
 
 
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
+def _crc32(path: pathlib.Path) -> str:
+    # CRC-32 (zip's checksum) finds truncation and corruption at several GB/s; a cryptographic hash
+    # would add nothing here, since an unsigned manifest can be rewritten by whoever rewrites a file,
+    # and loading never executes code anyway (weights_only / safetensors).
+    crc = 0
     with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        while chunk := file.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def _load(path: pathlib.Path) -> Any:
