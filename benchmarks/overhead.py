@@ -1,6 +1,6 @@
 """Trainer overhead against a plain hand-written PyTorch loop: same model, data, batch size and steps.
 
-    python benchmarks/overhead.py [--epochs 10] [--repeats 7] [--extra-phases 0]
+    python benchmarks/overhead.py [--epochs 10] [--repeats 9]
 
 Interleaves repetitions (raw, trainer, raw, trainer, ...) so machine noise hits both alike, and prints
 the median times, the ratio of the medians and the median of the per-pair ratios (the steadier figure
@@ -47,7 +47,7 @@ def raw_loop(train: torch.utils.data.Dataset, epochs: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def trainer_run(train: torch.utils.data.Dataset, epochs: int, seed: int, extra_phases: int) -> float:
+def trainer_run(train: torch.utils.data.Dataset, epochs: int, seed: int) -> float:
     run_dir = pathlib.Path(tempfile.mkdtemp(prefix="overhead-")) / "run"
     config = RunConfig.from_dict({
         "run_dir": str(run_dir), "seed": seed,
@@ -58,17 +58,10 @@ def trainer_run(train: torch.utils.data.Dataset, epochs: int, seed: int, extra_p
         "checkpoint": {"every_epochs": 0},
     })
     trainer = Trainer(config, train_data=train)
-    add_extra_phases(trainer, extra_phases)
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         start = time.perf_counter()
         trainer.run()
         return time.perf_counter() - start
-
-
-def add_extra_phases(trainer: Trainer, count: int) -> None:
-    if count:
-        from benchmarks.extra_phases import add_noop_phases
-        add_noop_phases(trainer, count)
 
 
 def main() -> None:
@@ -76,15 +69,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the timing stable)")
-    parser.add_argument("--extra-phases", type=int, default=0, help="add N no-op phases to the graph")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train = make_data(seed=0)["train"]
-    raw_loop(train, 1, 0), trainer_run(train, 1, 0, args.extra_phases)  # warm up both paths
+    raw_loop(train, 1, 0), trainer_run(train, 1, 0)  # warm up both paths
     raw_times, trainer_times = [], []
     for repeat in range(args.repeats):
         raw_times.append(raw_loop(train, args.epochs, repeat))
-        trainer_times.append(trainer_run(train, args.epochs, repeat, args.extra_phases))
+        trainer_times.append(trainer_run(train, args.epochs, repeat))
     raw, trained = statistics.median(raw_times), statistics.median(trainer_times)
     paired = statistics.median(t / r for t, r in zip(trainer_times, raw_times, strict=True))
     steps = args.epochs * -(-len(train) // BATCH_SIZE)

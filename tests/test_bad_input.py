@@ -116,3 +116,33 @@ def test_cli_prints_one_line_for_a_config_typo(tmp_path: pathlib.Path) -> None:
                 "mixed_precision, num_workers, eval_every, shuffle, drop_last, log_every_steps, progress_bar)")
     assert result.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "run").exists()
+
+
+def test_failed_model_check_leaves_the_run_folder_untouched_so_a_retry_works(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run")
+    with pytest.raises(DataError):
+        Trainer(config, model=torch.nn.Linear(64, 3)).run()
+    assert not (tmp_path / "run").exists()
+    Trainer(config.with_overrides(["train.epochs=1"])).run()  # the same run_dir, now with a fitting model
+
+
+def test_overridden_loss_step_is_what_the_model_check_runs(tmp_path: pathlib.Path) -> None:
+    class Broken(Trainer):
+        def calculate_train_batch_loss(self, batch: object) -> dict:
+            raise KeyError("pixels")
+
+    with pytest.raises(DataError, match=r"Broken.calculate_eval_batch_loss failed on a batch of 2 train samples: "
+                                        r"KeyError: 'pixels'"):
+        Broken(digits_config(tmp_path / "run")).run()
+
+
+def test_fp16_on_cpu_is_refused_rather_than_silently_ignored(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="'fp16' needs a GPU"):
+        Trainer(digits_config(tmp_path / "run", train={"mixed_precision": "fp16"}))
+
+
+def test_component_that_raises_is_reported_with_its_spec(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", metrics={"accuracy": "torchmetrics.classification:MulticlassAccuracy"})
+    with pytest.raises(ConfigError, match=r"metrics.accuracy: calling torchmetrics.classification:MulticlassAccuracy "
+                                          r"with args \{\} failed: ValueError: Argument `num_classes`"):
+        Trainer(config)

@@ -216,3 +216,60 @@ def test_bf16_mixed_precision_trains(tmp_path: pathlib.Path) -> None:
     config = digits_config(tmp_path / "run", train={"epochs": 3, "mixed_precision": "bf16"})
     history = Trainer(config).run()
     assert history.get_latest_metric("eval/accuracy") > 0.8
+
+
+class DictBatches(torch.utils.data.Dataset):
+    """Samples as dicts with the user's own keys: the overridable step reads them."""
+
+    def __init__(self, base: torch.utils.data.TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        pixels, label = self.base[index]
+        return {"pixels": pixels, "label": label}
+
+
+class DictTrainer(Trainer):
+    def calculate_train_batch_loss(self, batch: dict) -> dict:
+        outputs = self.model(batch["pixels"])
+        return {"loss": self.loss_fn(outputs, batch["label"]), "model_outputs": outputs,
+                "batch_size": len(batch["label"])}
+
+    def update_metrics(self, batch: dict, batch_output: dict) -> None:
+        for metric in self.metrics.values():
+            metric.update(batch_output["model_outputs"], batch["label"])
+
+    def predict_step(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["pixels"])
+
+
+def test_custom_batch_format_through_overridable_steps(tmp_path: pathlib.Path) -> None:
+    data = digits()
+    config = digits_config(tmp_path / "run", data=None, train={"epochs": 3})
+    trainer = DictTrainer(config, train_data=DictBatches(data["train"]), eval_data=DictBatches(data["eval"]))
+    history = trainer.run()
+    assert history.get_latest_metric("eval/accuracy") > 0.85
+    assert trainer.predict(DictBatches(data["test"])).shape == (len(data["test"]), 10)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable dataset with no length: phasetrain cannot own its order."""
+
+    def __init__(self, base: torch.utils.data.TensorDataset) -> None:
+        self.base = base
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.base)
+
+
+def test_iterable_dataset_without_length_trains_with_accumulation(tmp_path: pathlib.Path) -> None:
+    data = digits()
+    config = digits_config(tmp_path / "run", data=None, train={"epochs": 2, "grad_accum_steps": 3})
+    trainer = Trainer(config, train_data=Stream(data["train"]), eval_data=data["eval"])
+    history = trainer.run()
+    batches = -(-len(data["train"]) // 32)
+    assert trainer.state.optimizer_step == 2 * -(-batches // 3)  # the short last group still steps
+    assert history.get_latest_metric("eval/accuracy") > 0.6

@@ -35,6 +35,7 @@ class Callback:
 
     - ``on_run_start(trainer)`` / ``on_run_end(trainer)``
     - ``on_enter_<phase>(trainer)`` / ``on_exit_<phase>(trainer)`` for every phase in the graph
+      (``done`` is final: it has ``on_enter_done`` only)
     - ``on_train_step_start(trainer)``: before the first micro-batch of an optimizer step
     - ``on_before_backward(trainer, loss)`` / ``on_after_backward(trainer)``: each micro-batch
     - ``on_train_step_end(trainer, loss)``: after the optimizer step; ``loss`` is a detached tensor
@@ -57,7 +58,9 @@ class CallbackList:
 
     def __init__(self, callbacks: Iterable[Callback], phases: Iterable[str]) -> None:
         self.callbacks = list(callbacks)
-        self.hook_names = set(RUN_HOOKS) | {f"on_{edge}_{p}" for p in phases for edge in ("enter", "exit")}
+        # `done` is final: it is entered, never exited.
+        self.hook_names = set(RUN_HOOKS) | {f"on_enter_{p}" for p in phases} | {f"on_exit_{p}" for p in phases
+                                                                                if p != "done"}
         for callback in self.callbacks:
             self._check(callback)
         # Precompute the bound methods per hook: dispatch in the batch loop is one dict lookup.
@@ -94,7 +97,7 @@ class ProgressBar(Callback):
     def __init__(self) -> None:
         self._bar: tqdm | None = None
 
-    def _open(self, trainer: Trainer, total: int, initial: int, desc: str, leave: bool) -> None:
+    def _open(self, trainer: Trainer, total: int | None, initial: int, desc: str, leave: bool) -> None:
         if trainer.accelerator.is_local_main_process:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True, unit="step")

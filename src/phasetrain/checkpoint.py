@@ -295,9 +295,9 @@ def _crc32(path: pathlib.Path) -> str:
 def _load(path: pathlib.Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - includes the refusal to unpickle code
+    except Exception as exc:
         raise CheckpointError(f"cannot load {path} as plain tensors and data ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
 def _load_model(model: torch.nn.Module, path: pathlib.Path) -> None:

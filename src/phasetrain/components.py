@@ -10,7 +10,7 @@ import torch
 from phasetrain.callbacks import Callback
 from phasetrain.config import ImportSpec, RunConfig
 from phasetrain.data import check_dataset
-from phasetrain.errors import ConfigError, DataError
+from phasetrain.errors import CallbackError, ConfigError
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _optimizer(cfg: RunConfig, model: torch.nn.Module, given: torch.optim.Optimi
 
 def _datasets(cfg: RunConfig, train_data: Any, eval_data: Any) -> dict[str, Any]:
     datasets: dict[str, Any] = {}
-    if train_data is None or (eval_data is None and cfg.data is not None):
+    if train_data is None or cfg.data is not None:  # the config's data may still bring eval/test splits
         built = _build(cfg.data, "data", "Trainer(train_data=..., eval_data=...)")
         if not isinstance(built, Mapping) or "train" not in built:
             raise ConfigError(f"data: {cfg.data.target if cfg.data else ''} must return a dict with a 'train' "
@@ -91,6 +91,6 @@ def _datasets(cfg: RunConfig, train_data: Any, eval_data: Any) -> dict[str, Any]
 def _callback(spec: ImportSpec, index: int) -> Callback:
     callback = spec.build(what=f"callbacks[{index}]")
     if not isinstance(callback, Callback):
-        raise DataError(f"callbacks[{index}]: {spec.target} built a {type(callback).__name__}, "
+        raise CallbackError(f"callbacks[{index}]: {spec.target} built a {type(callback).__name__}, "
                         "expected a phasetrain.Callback")
     return callback

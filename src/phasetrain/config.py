@@ -60,8 +60,9 @@ class ImportSpec(BaseModel):
             raise ConfigError(f"{what}: target {self.target!r} is not callable")
         try:
             return factory(*leading, **self.args)
-        except TypeError as exc:
-            raise ConfigError(f"{what}: calling {self.target} with args {self.args} failed: {exc}") from None
+        except Exception as exc:
+            raise ConfigError(f"{what}: calling {self.target} with args {self.args} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 class SchedulerSpec(ImportSpec):
@@ -126,9 +127,14 @@ class RunConfig(BaseModel):
     def _strings_are_targets(cls, data: Any) -> Any:
         # Let YAML say `loss: torch.nn:CrossEntropyLoss` for a spec without args.
         if isinstance(data, dict):
+            data = {**data}
             for key in ("model", "data", "loss", "optimizer", "scheduler"):
                 if isinstance(data.get(key), str):
-                    data = {**data, key: {"target": data[key]}}
+                    data[key] = {"target": data[key]}
+            if isinstance(data.get("metrics"), dict):
+                data["metrics"] = {k: {"target": v} if isinstance(v, str) else v for k, v in data["metrics"].items()}
+            if isinstance(data.get("callbacks"), list):
+                data["callbacks"] = [{"target": v} if isinstance(v, str) else v for v in data["callbacks"]]
         return data
 
     # ---- loading ------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
             lines.append(f"{loc}: unknown key{_did_you_mean(err['loc'])}")
         else:
             got = err.get("input")
-            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict | list) or err["type"] == "value_error" else f" (got {got!r})"
             lines.append(f"{loc}: {err['msg']}{shown}")
     head = f"{source}: invalid config" if len(lines) > 1 else f"{source}: invalid config:"
     return head + (" " + lines[0] if len(lines) == 1 else "".join(f"\n  {line}" for line in lines))

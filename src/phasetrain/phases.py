@@ -28,13 +28,13 @@ class Phase:
 
 
 class SetupPhase(Phase):
-    """Claims the run folder, writes the resolved config and checks that model and loss fit the data."""
+    """Checks that model and loss fit the data, then claims the run folder and writes the resolved config."""
 
     name = "setup"
 
     def run(self, trainer: Trainer) -> None:
+        trainer.check_model_fits_loss()  # first: a failed check leaves the run folder untouched
         trainer.run_folder.claim(trainer.config)
-        trainer.check_model_fits_loss()
 
 
 class TrainEpochPhase(Phase):
@@ -51,16 +51,33 @@ class TrainEpochPhase(Phase):
         accum = cfg.grad_accum_steps
         log_every = cfg.log_every_steps
         distributed = trainer.accelerator.num_processes > 1
-        epoch_loss = LossSum(float(state.train_loss_sum), trainer.device)
+        start_loss = float(state.train_loss_sum)
+        epoch_loss = LossSum(start_loss, trainer.device)
         state.train_loss_sum = epoch_loss  # a checkpoint reads it with float()
-        logged_loss, logged_samples = 0.0, state.train_samples
+        logged = [start_loss, state.train_samples]  # loss sum and samples at the last step log
         step_loss = torch.zeros((), device=trainer.device)
+
+        def finish_step(loss: torch.Tensor) -> None:
+            trainer.clip_gradients()
+            trainer.optimizer_step()
+            trainer.scheduler_step(interval="step")
+            trainer.optimizer_zero_grad()
+            state.optimizer_step += 1
+            state.micro_step = 0
+            fire("on_train_step_end", trainer, loss)
+            if log_every and state.optimizer_step % log_every == 0:
+                total = float(epoch_loss)  # sync point, once per log_every steps
+                mean = (total - logged[0]) / max(state.train_samples - logged[1], 1)
+                trainer.log({"train/loss": mean, "train/lr": trainer.learning_rate}, kind="step")
+                logged[:] = [total, state.train_samples]
+            trainer.after_optimizer_step()
 
         for batch in loader:
             if state.micro_step == 0:
                 fire("on_train_step_start", trainer)
             group_start = state.batch_in_epoch - state.micro_step
-            group_size = min(accum, total_batches - group_start)  # the epoch's last group may be short
+            # The epoch's last group may be short (unknown for an iterable dataset without a length).
+            group_size = min(accum, total_batches - group_start) if total_batches else accum
             last_micro_batch = state.micro_step + 1 == group_size
             batch = trainer.to_device(batch)
             # Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
@@ -78,24 +95,12 @@ class TrainEpochPhase(Phase):
             state.train_samples += int(output["batch_size"])
             state.batch_in_epoch += 1
             state.micro_step += 1
-            if not last_micro_batch:
-                continue
-
-            trainer.clip_gradients()
-            trainer.optimizer_step()
-            trainer.scheduler_step(interval="step")
-            trainer.optimizer_zero_grad()
-            state.optimizer_step += 1
-            state.micro_step = 0
-            fire("on_train_step_end", trainer, detached if group_size == 1 else step_loss)
-            if log_every and state.optimizer_step % log_every == 0:
-                total = float(epoch_loss)  # sync point, once per log_every steps
-                mean = (total - logged_loss) / max(state.train_samples - logged_samples, 1)
-                trainer.log({"train/loss": mean, "train/lr": trainer.learning_rate}, kind="step")
-                logged_loss, logged_samples = total, state.train_samples
-            trainer.after_optimizer_step()
-            if state.stop_requested:
-                break
+            if last_micro_batch:
+                finish_step(detached if group_size == 1 else step_loss)
+                if state.stop_requested:
+                    break
+        if state.micro_step:  # an iterable dataset ended inside an accumulation group
+            finish_step(step_loss)
 
         trainer.scheduler_step(interval="epoch")
         mean_loss = trainer.reduce_mean(epoch_loss.total(), state.train_samples)

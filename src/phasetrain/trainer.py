@@ -23,12 +23,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from phasetrain.callbacks import Callback, CallbackList, default_callbacks
+from phasetrain.callbacks import Callback, CallbackList, ProgressBar, default_callbacks
 from phasetrain.checkpoint import CheckpointManager
 from phasetrain.components import Components, build_components
 from phasetrain.config import RunConfig
 from phasetrain.data import EpochBatchSampler, epoch_seed, make_loader
-from phasetrain.errors import DataError
+from phasetrain.errors import ConfigError, DataError
 from phasetrain.graph import PhaseGraph, PhaseRunner
 from phasetrain.history import RunHistory
 from phasetrain.phases import Phase, default_phases, unpack_batch
@@ -154,12 +154,13 @@ class Trainer:
         """Callbacks every run gets; a user callback of the same class replaces the default one."""
         callbacks = default_callbacks()
         if not self.config.train.progress_bar:
-            callbacks = [cb for cb in callbacks if type(cb).__name__ != "ProgressBar"]
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
         return callbacks
 
     def _merge_callbacks(self, user: list[Callback]) -> list[Callback]:
-        user_types = {type(cb) for cb in user}
-        return [cb for cb in self.default_callbacks() if type(cb) not in user_types] + user
+        """Defaults first, then the user's; a user callback that is a default's class (or a subclass) replaces it."""
+        defaults = [cb for cb in self.default_callbacks() if not any(isinstance(u, type(cb)) for u in user)]
+        return defaults + user
 
     # ---- data ---------------------------------------------------------------------------------
     def train_loader(self, skip_batches: int = 0) -> Iterable[Any]:
@@ -193,22 +194,27 @@ class Trainer:
                                  rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
 
     @property
-    def train_batches(self) -> int:
-        """Micro-batches per train epoch on this process."""
+    def train_batches(self) -> int | None:
+        """Micro-batches per train epoch on this process (None for an iterable dataset without a length)."""
         cfg = self.config.train
+        if isinstance(self.train_data, IterableDataset):
+            return _len_or_none(self.train_data, cfg.batch_size)
         return self._sampler(self.train_data, cfg.batch_size, shuffle=False, drop_last=cfg.drop_last,
                              pad=True).batches_per_epoch
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per train epoch (the last accumulation group may be short)."""
-        return -(-self.train_batches // self.config.train.grad_accum_steps)
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps per train epoch (the last accumulation group may be short); None if unknown."""
+        batches = self.train_batches
+        return None if batches is None else -(-batches // self.config.train.grad_accum_steps)
 
     @property
-    def eval_batches(self) -> int:
-        assert self.eval_data is not None
-        return len(self._sampler(self.eval_data, self.config.train.resolved_eval_batch_size, shuffle=False,
-                                 drop_last=False, pad=False))
+    def eval_batches(self) -> int | None:
+        """Batches per eval epoch on this process (None for an iterable dataset without a length)."""
+        batch_size = self.config.train.resolved_eval_batch_size
+        if self.eval_data is None or isinstance(self.eval_data, IterableDataset):
+            return None if self.eval_data is None else _len_or_none(self.eval_data, batch_size)
+        return len(self._sampler(self.eval_data, batch_size, shuffle=False, drop_last=False, pad=False))
 
     def to_device(self, batch: Any) -> Any:
         return send_to_device(batch, self.device, non_blocking=True) if self._move_batches else batch
@@ -331,26 +337,45 @@ class Trainer:
             return
         samples = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
         batch = self.to_device(torch.utils.data.default_collate(samples))
+        if type(self).calculate_eval_batch_loss is not Trainer.calculate_eval_batch_loss or \
+                type(self).calculate_train_batch_loss is not Trainer.calculate_train_batch_loss:
+            self._check_overridden_loss_step(batch)
+            return
         inputs, targets = unpack_batch(batch)
         model_name, loss_name = type(self.accelerator.unwrap_model(self.model)).__name__, _name(self.loss_fn)
         with preserved_rng(), torch.no_grad():
             self.model.eval()
             try:
                 outputs = self.model(inputs)
-            except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch to report
+            except Exception as exc:
                 raise DataError(f"model {model_name} cannot run on a batch of train inputs {_shape(inputs)}: "
-                                f"{type(exc).__name__}: {exc}") from None
+                                f"{type(exc).__name__}: {exc}") from exc
             try:
                 loss = self.loss_fn(outputs, targets)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise DataError(f"model output does not fit the loss: {model_name} gives {_shape(outputs)}, "
                                 f"targets are {_shape(targets)}, and {loss_name} raised "
-                                f"{type(exc).__name__}: {exc}") from None
+                                f"{type(exc).__name__}: {exc}") from exc
             finally:
                 self.model.train()
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise DataError(f"loss {loss_name} must return a scalar tensor, got {_shape(loss)} "
                             "(use reduction='mean' or 'sum')")
+
+    def _check_overridden_loss_step(self, batch: Any) -> None:
+        with preserved_rng(), torch.no_grad():
+            self.model.eval()
+            try:
+                output = self.calculate_eval_batch_loss(batch)
+            except Exception as exc:
+                raise DataError(f"{type(self).__name__}.calculate_eval_batch_loss failed on a batch of 2 train "
+                                f"samples: {type(exc).__name__}: {exc}") from exc
+            finally:
+                self.model.train()
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            raise DataError(f"{type(self).__name__}.calculate_eval_batch_loss must return a dict with a scalar "
+                            f"'loss' tensor, 'model_outputs' and 'batch_size'; got {_shape(output)}")
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> pathlib.Path:
@@ -368,7 +393,11 @@ def _accelerator(mixed_precision: str) -> Accelerator:
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("train.mixed_precision: 'fp16' needs a GPU (on the CPU it would silently do nothing); "
+                          "use 'bf16' or 'no'")
+    return accelerator
 
 
 def _gather_in_order(local: torch.Tensor, size: int, world_size: int) -> torch.Tensor:
@@ -380,6 +409,13 @@ def _gather_in_order(local: torch.Tensor, size: int, world_size: int) -> torch.T
     for rank, part in enumerate(parts):
         result[rank::world_size] = part
     return result
+
+
+def _len_or_none(dataset: Any, batch_size: int) -> int | None:
+    try:
+        return -(-len(dataset) // batch_size)
+    except TypeError:
+        return None
 
 
 def _say(text: str) -> None:
