@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from examples.digits import make_data, make_model
-
 from phasetrain import RunConfig, Trainer
 
 BATCH_SIZE = 32

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from examples.digits import make_data
 
+from examples.digits import make_data
 from phasetrain import Callback, RunConfig
 
 

@@ -213,6 +213,14 @@ def test_corrupted_latest_falls_back_to_the_newest_intact_one(crashed_run: pathl
     assert trainer.state.optimizer_step == 8
 
 
+def test_resuming_with_a_changed_config_warns_which_keys_differ(crashed_run: pathlib.Path) -> None:
+    config = digits_config(crashed_run, train={"epochs": 2, "batch_size": 16},
+                           checkpoint={"every_steps": 4, "keep_last": 5, "every_epochs": 0})
+    trainer = Trainer(config)
+    with pytest.warns(UserWarning, match=r"differs from the checkpoint's in \['train.batch_size'\]"):
+        trainer.checkpoints.load(trainer.checkpoints.find("latest"))
+
+
 def test_truncated_checkpoint_is_named(crashed_run: pathlib.Path) -> None:
     optimizer_file = checkpoint_at(crashed_run, 12) / "optimizer.pt"
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])

@@ -113,7 +113,8 @@ class CheckpointManager:
         final = self.folder / name
         tmp = self.folder / f".tmp-{name}"
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.folder.glob(".tmp-*"):  # left by a crash inside an earlier write
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         torch.save(_rng_to_tensors(capture_rng()), tmp / f"rng-{accelerator.process_index}.pt")
@@ -217,6 +218,10 @@ class CheckpointManager:
         """Restore model, optimizer, scheduler, scaler, RNG, counters, history, callbacks and the phase."""
         trainer = self.trainer
         metadata = json.loads((path / "state.json").read_text())
+        changed = _changed_keys(metadata["config"], trainer.config.to_dict())
+        if changed:
+            warnings.warn(f"resuming with a config that differs from the checkpoint's in {changed}: "
+                          "the result will not match the uninterrupted run", stacklevel=3)
         _load_model(trainer.accelerator.unwrap_model(trainer.model), path / "model.safetensors")
         trainer.optimizer.optimizer.load_state_dict(_load(path / "optimizer.pt"))
         if trainer.scheduler is not None and (path / "scheduler.pt").exists():
@@ -329,6 +334,21 @@ def _rng_from_tensors(state: dict[str, Any]) -> dict[str, Any]:
     n = state["numpy"]
     numpy_state = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
     return {**state, "numpy": numpy_state}
+
+
+def _changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (run_dir and overwrite do not change the run's result)."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in ("run_dir", "overwrite"):
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{dotted}.")
+        elif a != b:
+            changed.append(dotted)
+    return changed
 
 
 def _latest(trainer: Trainer, metric: str) -> float | None:

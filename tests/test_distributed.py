@@ -1,0 +1,46 @@
+"""Two real processes (torch.distributed with gloo on the CPU): sharding, metrics and predict order."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_model
+
+from examples.digits import make_model
+from tests.conftest import digits
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_processes_train_and_gather_each_sample_exactly_once(tmp_path: pathlib.Path) -> None:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "-m", "tests.distributed_job", str(tmp_path)],
+                            check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads((tmp_path / "results.json").read_text())
+    assert seen["processes"] == 2
+    # 1259 train samples, 32 per process per batch: ceil(630 / 32) = 20 steps per epoch on each process.
+    assert seen["steps"] == 3 * 20
+
+    test = digits()["test"]
+    inputs, targets = test.tensors
+    model = make_model(hidden=64)
+    load_model(model, str(tmp_path / "run" / "model.safetensors"))
+    with torch.no_grad():
+        expected = model.eval()(inputs)
+    predictions = torch.load(tmp_path / "predictions.pt", weights_only=True)
+    assert predictions.shape == expected.shape  # every sample once: no padding duplicates
+    assert torch.allclose(predictions, expected, atol=1e-5)
+    accuracy = (expected.argmax(1) == targets).float().mean().item()
+    assert seen["evaluate"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    loss = torch.nn.functional.cross_entropy(expected, targets).item()
+    assert seen["evaluate"]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert len(seen["history"]["eval/accuracy"]) == 3
