@@ -58,9 +58,10 @@ class CallbackList:
 
     def __init__(self, callbacks: Iterable[Callback], phases: Iterable[str]) -> None:
         self.callbacks = list(callbacks)
+        self.phases = list(phases)
         # `done` is final: it is entered, never exited.
-        self.hook_names = set(RUN_HOOKS) | {f"on_enter_{p}" for p in phases} | {f"on_exit_{p}" for p in phases
-                                                                                if p != "done"}
+        self.hook_names = set(RUN_HOOKS) | {f"on_enter_{p}" for p in self.phases} | {
+            f"on_exit_{p}" for p in self.phases if p != "done"}
         for callback in self.callbacks:
             self._check(callback)
         # Precompute the bound methods per hook: dispatch in the batch loop is one dict lookup.
@@ -75,8 +76,9 @@ class CallbackList:
         unknown = sorted(n for n in dir(callback) if n.startswith("on_") and n not in self.hook_names)
         if unknown:
             raise CallbackError(
-                f"{type(callback).__name__} defines {', '.join(unknown)}, which match no hook. "
-                f"Hooks: {', '.join(sorted(self.hook_names))}")
+                f"{type(callback).__name__} defines {', '.join(unknown)}, which match no hook. Phase hooks are "
+                f"on_enter_<phase>/on_exit_<phase> for the phases {', '.join(self.phases)} (done has no exit); "
+                f"other hooks: {', '.join(RUN_HOOKS)}")
 
     def has(self, name: str) -> bool:
         return bool(self._hooks.get(name))

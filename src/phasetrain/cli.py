@@ -19,9 +19,21 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Continue a run from its latest intact checkpoint (or --checkpoint).")
     resume.add_argument("run_dir", type=pathlib.Path, help="the run folder (holds config.yaml and checkpoints/)")
     resume.add_argument("--checkpoint", default="latest", help="a checkpoint folder; default: latest intact")
+    graph = commands.add_parser("graph", help="draw the phase graph of a config or a run folder",
+                                description="Draw the phase graph. For a run folder, the phase the run is in "
+                                            "or stopped in is highlighted.")
+    graph.add_argument("source", type=pathlib.Path, help="a YAML/JSON config, or a run folder")
+    graph.add_argument("--format", choices=("mermaid", "dot", "svg", "png"), default=None,
+                       help="default: from -o's suffix, else mermaid")
+    graph.add_argument("-o", "--output", type=pathlib.Path, help="write to this file instead of stdout")
+    plan = commands.add_parser("plan", help="print the phases a run will walk, without training",
+                               description="Print, epoch by epoch, the phases the run will walk and why.")
+    plan.add_argument("config", type=pathlib.Path, help="YAML or JSON run config")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=6")
     args = parser.parse_args(argv)
+    commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan}
     try:
-        return _run(args) if args.command == "run" else _resume(args)
+        return commands_by_name[args.command](args)
     except PhasetrainError as exc:
         print(f"phasetrain: error: {exc}", file=sys.stderr)
         return 2
@@ -49,6 +61,50 @@ def _resume(args: argparse.Namespace) -> int:
         raise RunDirError(f"{args.run_dir} is not a run folder: it has no config.yaml")
     config = RunConfig.from_file(config_file, overrides=[f"run_dir={args.run_dir}"])
     Trainer(config).run(resume=args.checkpoint)
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from phasetrain import render
+    from phasetrain.config import RunConfig, ensure_importable_cwd
+    from phasetrain.phases import graph_from_config
+    ensure_importable_cwd()
+    run_dir = args.source if args.source.is_dir() else None
+    config = RunConfig.from_file(run_dir / "config.yaml" if run_dir else args.source)
+    graph = graph_from_config(config)  # no model or data needed to draw
+    highlight = _current_phase(run_dir) if run_dir else None
+    fmt = args.format or (render.format_of(args.output) if args.output else "mermaid")
+    if args.output:
+        render.write(graph, args.output, fmt, highlight)
+        print(f"wrote {args.output}")
+        return 0
+    content = render.render(graph, fmt, highlight)
+    if isinstance(content, bytes):
+        sys.stdout.buffer.write(content)
+    else:
+        sys.stdout.write(content)
+    return 0
+
+
+def _current_phase(run_dir: pathlib.Path) -> str | None:
+    """The phase a run folder's run is in or stopped in: done if finished, else its latest checkpoint's."""
+    import json
+    if (run_dir / "model.safetensors").exists():
+        return "done"
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return "setup"
+    state_file = run_dir / "checkpoints" / pointer.read_text().strip() / "state.json"
+    return str(json.loads(state_file.read_text())["state"]["phase"]) if state_file.is_file() else None
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from phasetrain.config import RunConfig, ensure_importable_cwd
+    from phasetrain.plan import format_plan
+    from phasetrain.trainer import Trainer
+    ensure_importable_cwd()
+    config = RunConfig.from_file(args.config, overrides=args.overrides)
+    print(format_plan(Trainer(config), str(args.config)))
     return 0
 
 

@@ -47,9 +47,61 @@ def every_n_epochs(n: int) -> Condition:
     return Condition(lambda t: t.state.epoch % n == 0, f"every {n} epochs" if n > 1 else "every epoch")
 
 
+def every_n_steps(n: int) -> Condition:
+    """True when at least one multiple of n optimizer steps was crossed since the phase was last entered.
+
+    Phases run between epochs, so "every 100 steps" means: the epoch just trained reached or passed a
+    multiple of 100 (counted over the whole run).
+    """
+    if n < 1:
+        raise ValueError(f"every_n_steps needs n >= 1, got {n}")
+
+    def crossed(t: Trainer) -> bool:
+        steps = t.state.optimizer_step
+        before = steps - (t.steps_per_epoch or 0)
+        return steps // n > max(before, 0) // n
+    return Condition(crossed, f"every {n} steps")
+
+
+def on_epoch(n: int) -> Condition:
+    """True once, after epoch n."""
+    return Condition(lambda t: t.state.epoch == n, f"epoch {n}")
+
+
 def on_last_epoch() -> Condition:
     """True once the last configured epoch has been trained."""
     return Condition(lambda t: t.state.is_last_epoch, "last epoch")
+
+
+def always() -> Condition:
+    return Condition(lambda t: True, "always")
+
+
+def condition_from_config(spec: object, where: str = "when") -> Condition:
+    """Build a condition from config data: ``{every_n_epochs: 2}``, ``{every_n_steps: 100}``,
+    ``{on_last_epoch: true}``, ``{all: [...]}``, ``{any: [...]}``, ``{not: {...}}`` (nested freely)."""
+    from phasetrain.errors import ConfigError
+    known = "every_n_epochs, every_n_steps, on_epoch, on_last_epoch, all, any, not"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: expected a mapping with one key ({known}), got {spec!r}")
+    (key, value), = spec.items()
+    if key in ("every_n_epochs", "every_n_steps", "on_epoch"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{where}.{key}: expected a whole number >= 1, got {value!r}")
+        return {"every_n_epochs": every_n_epochs, "every_n_steps": every_n_steps, "on_epoch": on_epoch}[key](value)
+    if key == "on_last_epoch":
+        return on_last_epoch() if value else ~on_last_epoch()
+    if key in ("all", "any"):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{where}.{key}: expected a non-empty list of conditions, got {value!r}")
+        parts = [condition_from_config(v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+        combined = parts[0]
+        for part in parts[1:]:
+            combined = combined & part if key == "all" else combined | part
+        return combined
+    if key == "not":
+        return ~condition_from_config(value, f"{where}.not")
+    raise ConfigError(f"{where}: unknown condition {key!r}; expected one of: {known}")
 
 
 def eval_due() -> Condition:

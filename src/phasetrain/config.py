@@ -71,6 +71,16 @@ class SchedulerSpec(ImportSpec):
     interval: Literal["step", "epoch"] = "step"
 
 
+class PhaseSpec(ImportSpec):
+    """A custom phase: ``target`` builds a ``phasetrain.Phase``, inserted ``after`` a phase of the graph,
+    entered ``when`` a condition holds (``{every_n_epochs: 2}``, ``{all: [...]}``, ...), then on to
+    what followed ``after`` (or to ``then``)."""
+
+    after: str = "eval_epoch"
+    when: dict[str, Any] | None = None
+    then: str | None = None
+
+
 class TrainConfig(BaseModel):
     """How the train and eval epochs run. ``batch_size`` is per device (per process)."""
 
@@ -119,6 +129,7 @@ class RunConfig(BaseModel):
     scheduler: SchedulerSpec | None = None
     metrics: dict[str, ImportSpec] = Field(default_factory=dict, description="torchmetrics objects by name")
     callbacks: list[ImportSpec] = Field(default_factory=list)
+    phases: list[PhaseSpec] = Field(default_factory=list, description="custom phases added to the graph")
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 

@@ -27,3 +27,7 @@ class CallbackError(PhasetrainError, TypeError):
 
 class CheckpointError(PhasetrainError):
     """A checkpoint is missing, truncated, corrupted, unsafe to load or does not match the model."""
+
+
+class GraphError(PhasetrainError, ValueError):
+    """The phase graph is invalid: an unknown phase, an unreachable one, or a cycle that never advances."""

@@ -11,17 +11,40 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from phasetrain.conditions import Condition, every_n_epochs
+from phasetrain.errors import ConfigError, DataError
+
 if TYPE_CHECKING:
+    from phasetrain.config import PhaseSpec, RunConfig
+    from phasetrain.graph import PhaseGraph
     from phasetrain.trainer import Trainer
 
 
 class Phase:
-    """A node of the phase graph: a name and a handler that receives the trainer."""
+    """A node of the phase graph: a name and a handler that receives the trainer.
+
+    Subclass it, set ``name`` and implement ``run``; add it with ``trainer.add_phase(phase, after=...)``.
+    ``when`` is the condition used when ``add_phase`` is given none (None: every time). ``check`` runs
+    when the phase is added, to refuse a phase that cannot work with this trainer before training.
+
+    Example::
+
+        class Unfreeze(Phase):
+            name = "unfreeze"
+            when = on_epoch(3)  # phasetrain.conditions.on_epoch
+            def run(self, trainer):
+                for p in trainer.model.parameters():
+                    p.requires_grad_(True)
+    """
 
     name: str = ""
+    when: Condition | None = None
 
     def run(self, trainer: Trainer) -> None:
         raise NotImplementedError
+
+    def check(self, trainer: Trainer) -> None:
+        """Raise a PhasetrainError if this phase cannot run with ``trainer``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -170,9 +193,59 @@ class DonePhase(Phase):
         trainer.run_folder.write_final_weights(trainer.accelerator, trainer.model)
 
 
+class TestPhase(Phase):
+    """A mid-run evaluation of a held-out set, logged as ``<name>/loss``, ``<name>/accuracy``, ...
+
+    ``dataset`` defaults to the data's ``test`` split; ``every`` sets the default condition
+    (``every_n_epochs(every)``). In a config::
+
+        phases:
+          - {target: "phasetrain:TestPhase", args: {every: 2}, after: eval_epoch}
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, dataset: Any = None, every: int = 1, name: str = "test") -> None:
+        self.dataset = dataset
+        self.name = name
+        self.when = every_n_epochs(every)
+
+    def check(self, trainer: Trainer) -> None:
+        if self._dataset(trainer) is None:
+            raise DataError(f"TestPhase {self.name!r} has no dataset: pass TestPhase(dataset) or return a "
+                            "'test' split from the config's data")
+
+    def _dataset(self, trainer: Trainer) -> Any:
+        return self.dataset if self.dataset is not None else trainer.test_data
+
+    def run(self, trainer: Trainer) -> None:
+        results = trainer.evaluate_dataset(self._dataset(trainer))
+        trainer.log({f"{self.name}/{k}": v for k, v in results.items()}, kind="epoch")
+
+
 def default_phases() -> dict[str, Phase]:
     phases: list[Phase] = [SetupPhase(), TrainEpochPhase(), EvalEpochPhase(), CheckpointPhase(), DonePhase()]
     return {phase.name: phase for phase in phases}
+
+
+def build_phase(spec: PhaseSpec, index: int) -> tuple[Phase, str, Condition | None, str | None]:
+    """A config ``phases[index]`` entry as ``add_phase`` arguments."""
+    from phasetrain.conditions import condition_from_config
+    phase = spec.build(what=f"phases[{index}]")
+    if not isinstance(phase, Phase):
+        raise ConfigError(f"phases[{index}]: {spec.target} built a {type(phase).__name__}, expected a phasetrain.Phase")
+    when = condition_from_config(spec.when, f"phases[{index}].when") if spec.when is not None else None
+    return phase, spec.after, when, spec.then
+
+
+def graph_from_config(config: RunConfig) -> PhaseGraph:
+    """The graph a run of ``config`` walks: the default one plus the config's phases (no model or data built)."""
+    from phasetrain.graph import PhaseGraph
+    graph = PhaseGraph.default()
+    for index, spec in enumerate(config.phases):
+        phase, after, when, then = build_phase(spec, index)
+        graph.add_phase(phase.name, after, when if when is not None else phase.when, then)
+    return graph
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Any]:

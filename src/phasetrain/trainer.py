@@ -26,12 +26,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from phasetrain.callbacks import Callback, CallbackList, ProgressBar, default_callbacks
 from phasetrain.checkpoint import CheckpointManager
 from phasetrain.components import Components, build_components
+from phasetrain.conditions import Condition
 from phasetrain.config import RunConfig
 from phasetrain.data import EpochBatchSampler, epoch_seed, make_loader
-from phasetrain.errors import ConfigError, DataError
+from phasetrain.errors import ConfigError, DataError, GraphError
 from phasetrain.graph import PhaseGraph, PhaseRunner
 from phasetrain.history import RunHistory
-from phasetrain.phases import Phase, default_phases, unpack_batch
+from phasetrain.phases import Phase, build_phase, default_phases, unpack_batch
 from phasetrain.rng import preserved_rng
 from phasetrain.run_folder import RunFolder
 from phasetrain.state import RunState
@@ -70,9 +71,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(self)
         self.phases: dict[str, Phase] = default_phases()
         self.graph = PhaseGraph.default()
+        for index, spec in enumerate(self.config.phases):
+            self._insert_phase(*build_phase(spec, index))
         self.callbacks = CallbackList(self._merge_callbacks(parts.callbacks + list(callbacks or [])), self.graph.phases)
-        self._runner = PhaseRunner()
-        self._machine = self.graph.build_machine(self, self._runner, self._on_enter_phase, self._on_exit_phase)
+        self._started = False
+        self._build_machine()
         self._move_batches = self.device.type != "cpu"
         # Without a grad scaler, DeepSpeed, Megatron or XLA, AcceleratedOptimizer.step/zero_grad and
         # Accelerator.backward only forward to the optimizer and loss.backward(), after a package lookup,
@@ -81,6 +84,52 @@ class Trainer:
         special = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
         self._plain_steps = self.accelerator.scaler is None and self.accelerator.distributed_type not in special
         self._step_optimizer = self.optimizer.optimizer if self._plain_steps else self.optimizer
+
+    # ---- the graph ----------------------------------------------------------------------------
+    def add_phase(self, phase: Phase, after: str = "eval_epoch", when: Condition | None = None,
+                  then: str | None = None) -> None:
+        """Insert ``phase`` after the phase named ``after``; it is entered when ``when`` (or the phase's own
+        ``when``) holds, and the run continues to whatever followed ``after`` (or to ``then``).
+
+        Example::
+
+            trainer.add_phase(TestPhase(test_set, every=2), after="eval_epoch")
+        """
+        if self._started:
+            raise GraphError(f"add_phase({phase.name!r}) after run() started: add phases before running")
+        self._insert_phase(phase, after, when, then)
+        self.callbacks = CallbackList(self.callbacks.callbacks, self.graph.phases)
+        self._build_machine()
+
+    def add_callback(self, callback: Callback) -> None:
+        """Add a callback after construction (for example one with hooks of a phase added by ``add_phase``)."""
+        self.callbacks = CallbackList([*self.callbacks.callbacks, callback], self.graph.phases)
+
+    def _insert_phase(self, phase: Phase, after: str, when: Condition | None, then: str | None) -> None:
+        if not isinstance(phase, Phase):
+            raise GraphError(f"{phase!r} is a {type(phase).__name__}: phases must subclass phasetrain.Phase")
+        phase.check(self)
+        self.graph.add_phase(phase.name, after, when if when is not None else phase.when, then)
+        self.phases[phase.name] = phase
+
+    def _build_machine(self) -> None:
+        self._runner = PhaseRunner()
+        self._machine = self.graph.build_machine(self, self._runner, self._on_enter_phase, self._on_exit_phase)
+
+    def render_graph(self, path: str | os.PathLike[str] | None = None, *, format: str | None = None,
+                     highlight: str | None = None) -> str | bytes | pathlib.Path:
+        """The phase graph as a diagram, from the graph this trainer's machine was built from.
+
+        ``render_graph()`` / ``render_graph(format="dot")`` return Mermaid / DOT text (no system
+        dependencies); ``render_graph("loop.svg")`` or ``.png`` writes an image through Graphviz's ``dot``
+        and returns the path. Once the run has started, the current phase is highlighted.
+        """
+        from phasetrain import render
+        if highlight is None and self._started:
+            highlight = self.state.phase
+        if path is not None:
+            return render.write(self.graph, pathlib.Path(path), format, highlight)
+        return render.render(self.graph, format or "mermaid", highlight)
 
     # ---- the walk -----------------------------------------------------------------------------
     def run(self, resume: str | os.PathLike[str] | None = None) -> RunHistory:
@@ -107,6 +156,7 @@ class Trainer:
         return self.run_history
 
     def _walk(self) -> None:
+        self._started = True
         self.callbacks.fire("on_run_start", self)
         if self.state.phase == "setup" and not self.state.phase_complete:
             self._on_enter_phase("setup")  # the machine's initial state fires no enter
@@ -118,11 +168,15 @@ class Trainer:
                 break
             if self.checkpoints.signal_received is not None:
                 self.checkpoints.stop_for_signal()
-            self._runner.advance()
+            if not self._runner.advance():
+                raise GraphError(f"no edge out of phase {self.state.phase!r} could be taken")
         self.callbacks.fire("on_run_end", self)
 
     def set_phase(self, phase: str) -> None:
         """Put the machine in ``phase`` without firing enter/exit callbacks (used by resume)."""
+        if phase not in self.graph.phases:
+            raise GraphError(f"phase {phase!r} is not in this run's graph; phases: {', '.join(self.graph.phases)} "
+                             "(add the same custom phases before resuming)")
         self._machine.set_state(phase)
         self.state.phase = phase
 

@@ -1,0 +1,307 @@
+"""The phase graph as an object: custom phases, conditions, validation, rendering, plan and diagrams."""
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from phasetrain import (
+    Callback,
+    CallbackError,
+    GraphError,
+    Phase,
+    RunConfig,
+    TestPhase,
+    Trainer,
+    every_n_epochs,
+    every_n_steps,
+    on_last_epoch,
+)
+from phasetrain.graph import Edge, PhaseGraph
+from phasetrain.plan import plan
+from tests.conftest import PhaseRecorder, digits, digits_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class Recorder(PhaseRecorder):
+    def on_enter_test(self, trainer: Trainer) -> None:
+        self._enter(f"test:{trainer.state.epoch}")
+
+    def on_enter_snapshot(self, trainer: Trainer) -> None:
+        self._enter(f"snapshot:{trainer.state.epoch}")
+
+
+class Snapshot(Phase):
+    """A custom phase that only records that it ran."""
+
+    name = "snapshot"
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def run(self, trainer: Trainer) -> None:
+        self.epochs.append(trainer.state.epoch)
+
+
+def test_custom_phases_with_composed_conditions_visit_exactly_these_phases(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 6, "eval_every": 2}, checkpoint={"every_epochs": 3})
+    trainer = Trainer(config)
+    steps = trainer.steps_per_epoch  # 40
+    assert steps == 40
+    trainer.add_phase(TestPhase(), after="eval_epoch", when=every_n_epochs(2) & ~on_last_epoch())
+    trainer.add_phase(Snapshot(), after="train_epoch", when=every_n_steps(100) | on_last_epoch())
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    planned = [name for epoch in plan(trainer) for name, _ in epoch.phases]
+    history = trainer.run()
+    # Steps 100 and 200 are crossed in epochs 3 and 5; the test phase follows evaluations except the last.
+    assert recorder.visited == [
+        "setup",
+        "train_epoch:1", "train_epoch:2", "eval_epoch:2", "test:2",
+        "train_epoch:3", "snapshot:3", "checkpoint:3",
+        "train_epoch:4", "eval_epoch:4", "test:4",
+        "train_epoch:5", "snapshot:5",
+        "train_epoch:6", "snapshot:6", "eval_epoch:6", "checkpoint:6", "done",
+    ]
+    assert planned == [v.split(":")[0] for v in recorder.visited]  # the plan foresaw the walk exactly
+    assert len(history.get_metric_values("test/accuracy")) == 3  # epochs 2, 4 and the final test in done
+
+
+def test_a_custom_phase_can_stop_the_run(tmp_path: pathlib.Path) -> None:
+    class StopWhenGood(Phase):
+        name = "judge"
+
+        def run(self, trainer: Trainer) -> None:
+            if trainer.run_history.get_latest_metric("eval/accuracy") > 0.5:
+                trainer.request_stop("good enough")
+
+    trainer = Trainer(digits_config(tmp_path / "run", train={"epochs": 10}))
+    trainer.add_phase(StopWhenGood(), after="eval_epoch")
+    recorder = PhaseRecorder()
+    trainer.add_callback(recorder)
+    trainer.run()
+    assert trainer.state.stop_reason == "good enough"
+    assert recorder.visited[-1] == "done" and trainer.state.epoch < 10
+
+
+class Noisy(Phase):
+    """A custom phase that consumes RNG (like a stochastic evaluation), checkpoints at its start, and
+    crashes once after its work: a resume must re-run it from the start and land bit for bit."""
+
+    name = "noisy"
+
+    def __init__(self, crash_once: bool) -> None:
+        self.crash_once = crash_once
+
+    def run(self, trainer: Trainer) -> None:
+        trainer.save_checkpoint()
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)  # perturb the weights with global-RNG noise
+        if self.crash_once:
+            self.crash_once = False
+            raise RuntimeError("crash inside the custom phase")
+
+
+def test_resume_from_inside_a_custom_phase_is_bitwise_exact(tmp_path: pathlib.Path) -> None:
+    def trainer_for(name: str, crash: bool) -> Trainer:
+        config = digits_config(tmp_path / name, train={"epochs": 3}, checkpoint={"every_epochs": 1, "keep_last": 9})
+        trainer = Trainer(config)
+        trainer.add_phase(Noisy(crash), after="train_epoch", when=every_n_epochs(2))
+        return trainer
+
+    reference = trainer_for("a", crash=False)
+    reference.run()
+    with pytest.raises(RuntimeError, match="crash inside the custom phase"):
+        trainer_for("b", crash=True).run()
+    torch.manual_seed(999)
+    resumed = trainer_for("b", crash=False)
+    resumed.run(resume="latest")
+    for a, b in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resuming_into_a_phase_the_graph_lacks_is_refused(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 3}, checkpoint={"every_epochs": 1})
+    with_phase = Trainer(config)
+    with_phase.add_phase(Noisy(crash_once=True), after="train_epoch", when=every_n_epochs(2))
+    with pytest.raises(RuntimeError):
+        with_phase.run()
+    with pytest.raises(GraphError, match="phase 'noisy' is not in this run's graph; phases: setup, train_epoch"):
+        Trainer(config).run(resume="latest")
+
+
+# ---- validation -------------------------------------------------------------------------------------
+
+def test_add_phase_after_an_unknown_phase_lists_the_phases(tmp_path: pathlib.Path) -> None:
+    trainer = Trainer(digits_config(tmp_path / "run"))
+    with pytest.raises(GraphError, match="after='eval' names no phase; phases: setup, train_epoch, eval_epoch, "
+                                         "checkpoint, done"):
+        trainer.add_phase(Snapshot(), after="eval")
+
+
+def test_callback_on_an_unknown_phase_lists_the_phases(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(CallbackError, match=r"Recorder defines on_enter_snapshot, on_enter_test, which match no "
+                                            r"hook. Phase hooks are on_enter_<phase>/on_exit_<phase> for the "
+                                            r"phases setup, train_epoch, eval_epoch, checkpoint, done"):
+        Trainer(digits_config(tmp_path / "run"), callbacks=[Recorder()])
+    trainer = Trainer(digits_config(tmp_path / "run"))
+    trainer.add_phase(TestPhase(), after="eval_epoch")
+    trainer.add_phase(Snapshot(), after="train_epoch")
+    trainer.add_callback(Recorder())  # valid once the phases exist
+
+
+def test_invalid_graphs_are_refused_with_the_phases_named() -> None:
+    graph = PhaseGraph.default()
+    with pytest.raises(GraphError, match=r"cycle eval_epoch -> again -> eval_epoch never passes train_epoch"):
+        graph.add_phase("again", after="eval_epoch", when=every_n_epochs(2), then="eval_epoch")
+    with pytest.raises(GraphError, match="phases not reachable from setup: orphan"):
+        PhaseGraph(["setup", "train_epoch", "orphan", "done"], [
+            Edge("setup", "train_epoch"), Edge("train_epoch", "done"), Edge("orphan", "done")]).validate()
+    with pytest.raises(GraphError, match="done cannot be reached from: train_epoch, spin"):
+        PhaseGraph(["setup", "train_epoch", "spin", "done"], [
+            Edge("setup", "train_epoch"), Edge("setup", "done"), Edge("train_epoch", "spin"),
+            Edge("spin", "train_epoch")]).validate()
+    with pytest.raises(GraphError, match="no unconditional way out .*: train_epoch"):
+        PhaseGraph(["setup", "train_epoch", "done"], [
+            Edge("setup", "train_epoch"), Edge("train_epoch", "done", on_last_epoch())]).validate()
+    with pytest.raises(GraphError, match="a phase named 'checkpoint' already exists"):
+        PhaseGraph.default().add_phase("checkpoint", after="eval_epoch")
+    with pytest.raises(GraphError, match="after='done': done is final"):
+        PhaseGraph.default().add_phase("late", after="done")
+    with pytest.raises(GraphError, match="must be lowercase letters"):
+        PhaseGraph.default().add_phase("Test Set", after="eval_epoch")
+
+
+def test_test_phase_without_a_dataset_is_refused_when_added(tmp_path: pathlib.Path) -> None:
+    from phasetrain import DataError
+    data = digits()
+    trainer = Trainer(digits_config(tmp_path / "run", data=None), train_data=data["train"], eval_data=data["eval"])
+    with pytest.raises(DataError, match="TestPhase 'test' has no dataset"):
+        trainer.add_phase(TestPhase(), after="eval_epoch")
+
+
+def test_add_phase_once_running_is_refused(tmp_path: pathlib.Path) -> None:
+    class AddLate(Callback):
+        def on_enter_train_epoch(self, trainer: Trainer) -> None:
+            trainer.add_phase(Snapshot(), after="eval_epoch")
+
+    with pytest.raises(GraphError, match="add phases before running"):
+        Trainer(digits_config(tmp_path / "run"), callbacks=[AddLate()]).run()
+
+
+# ---- rendering --------------------------------------------------------------------------------------
+
+MERMAID_LINE = re.compile(r"^    (\[\*\]|[a-z_][a-z0-9_]*) --> (\[\*\]|[a-z_][a-z0-9_]*)(: [^:\n]+)?$"
+                          r"|^    classDef [a-z_]+ [a-z-]+:[^ ]+( ?[,;]?[a-z-]+:[^ ,;]+)*$"
+                          r"|^    class [a-z_][a-z0-9_]* [a-z_]+$")
+
+
+def custom_trainer(tmp_path: pathlib.Path) -> Trainer:
+    trainer = Trainer(digits_config(tmp_path / "run", train={"epochs": 2}))
+    trainer.add_phase(TestPhase(every=2), after="eval_epoch")
+    trainer.add_phase(Snapshot(), after="train_epoch", when=every_n_steps(50) & ~on_last_epoch())
+    return trainer
+
+
+def machine_edges(trainer: Trainer) -> list[tuple[str, str]]:
+    """(source, dest) of every transition of the live transitions machine."""
+    event = trainer._machine.events["advance"]
+    return [(t.source, t.dest) for transitions in event.transitions.values() for t in transitions]
+
+
+def test_mermaid_and_dot_show_every_phase_and_conditional_edge_of_the_live_machine(tmp_path: pathlib.Path) -> None:
+    trainer = custom_trainer(tmp_path)
+    mermaid = trainer.render_graph()
+    dot = trainer.render_graph(format="dot")
+    assert isinstance(mermaid, str) and isinstance(dot, str)
+    assert sorted(machine_edges(trainer)) == sorted((e.source, e.dest) for e in trainer.graph.edges)
+    for edge in trainer.graph.edges:
+        label = trainer.graph.edge_label(edge)
+        assert f"    {edge.source} --> {edge.dest}" + (f": {label}" if label else "") in mermaid.splitlines()
+        assert f"    {edge.source} -> {edge.dest}" + (f' [label="{label}"];' if label else ";") in dot.splitlines()
+    assert "    eval_epoch --> test: every 2 epochs" in mermaid
+    assert '    train_epoch -> snapshot [label="every 50 steps and not last epoch"];' in dot
+    # Mermaid stateDiagram-v2 structure: the header, then only transitions and styling statements.
+    lines = mermaid.splitlines()
+    assert lines[0] == "stateDiagram-v2" and lines[1] == "    [*] --> setup" and "    done --> [*]" in lines
+    assert all(MERMAID_LINE.match(line) for line in lines[1:]), [x for x in lines[1:] if not MERMAID_LINE.match(x)]
+    highlighted = trainer.render_graph(highlight="test")
+    assert isinstance(highlighted, str) and highlighted.splitlines()[-1] == "    class test current"
+    assert all(MERMAID_LINE.match(line) for line in highlighted.splitlines()[1:])
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+def test_svg_and_png_are_drawn_by_graphviz(tmp_path: pathlib.Path) -> None:
+    trainer = custom_trainer(tmp_path)
+    svg = trainer.render_graph(tmp_path / "loop.svg")
+    text = pathlib.Path(svg).read_text()
+    assert text.lstrip().startswith("<?xml") and "<svg" in text
+    assert all(f">{phase}</text>" in text for phase in trainer.graph.phases)
+    png = pathlib.Path(trainer.render_graph(tmp_path / "loop.png")).read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_missing_dot_names_the_package_to_install(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phasetrain.render import RenderError
+    trainer = custom_trainer(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without Graphviz
+    with pytest.raises(RenderError, match=r"needs Graphviz's 'dot' program.*install the 'graphviz' package"):
+        trainer.render_graph(tmp_path / "loop.svg")
+    assert not (tmp_path / "loop.svg").exists()
+    assert "stateDiagram-v2" in str(trainer.render_graph(format="mermaid"))  # text formats need nothing
+
+
+# ---- config, CLI, diagrams --------------------------------------------------------------------------
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "phasetrain.cli", *args], check=False, capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def test_plan_prints_the_walk_without_training(tmp_path: pathlib.Path) -> None:
+    result = cli("plan", "examples/digits_test_phase.yaml", f"run_dir={tmp_path / 'run'}", "train.epochs=4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "  start:    setup",
+        "  epoch 1 (steps 1-40): train_epoch -> eval_epoch [eval_due]",
+        "  epoch 2 (steps 41-80): train_epoch -> eval_epoch [eval_due] -> test [every 2 epochs]",
+        "  epoch 3 (steps 81-120): train_epoch -> eval_epoch [eval_due]",
+        ("  epoch 4 (steps 121-160): train_epoch -> eval_epoch [eval_due] -> test [every 2 epochs] "
+        "-> checkpoint [checkpoint_due] -> done [finished]"),
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_phases_run_and_the_run_folder_graph_highlights_where_it_stopped(tmp_path: pathlib.Path) -> None:
+    config = RunConfig.from_file(ROOT / "examples/digits_test_phase.yaml",
+                                 overrides=[f"run_dir={tmp_path / 'run'}", "train.epochs=2", "train.progress_bar=false"])
+    history = Trainer(config).run()
+    assert len(history.get_metric_values("test/accuracy")) == 2  # the test phase after epoch 2, then done
+    result = cli("graph", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "    class done current"
+    result = cli("graph", "examples/digits_test_phase.yaml", "--format", "dot", "-o", str(tmp_path / "g.dot"))
+    assert result.returncode == 0 and "eval_epoch -> test" in (tmp_path / "g.dot").read_text()
+
+
+def test_bad_phase_config_gets_one_clear_message(tmp_path: pathlib.Path) -> None:
+    from phasetrain import ConfigError
+    config = digits_config(tmp_path / "run", phases=[{"target": "phasetrain:TestPhase", "when": {"every_n_epoch": 2}}])
+    with pytest.raises(ConfigError, match=r"phases\[0\].when: unknown condition 'every_n_epoch'; expected one of"):
+        Trainer(config)
+    config = digits_config(tmp_path / "run", phases=[{"target": "phasetrain:TestPhase", "after": "evaluate"}])
+    with pytest.raises(GraphError, match="after='evaluate' names no phase"):
+        Trainer(config)
+
+
+def test_committed_diagrams_and_readme_graph_are_up_to_date() -> None:
+    result = subprocess.run([sys.executable, "diagrams/render.py", "--check"], check=False, capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
