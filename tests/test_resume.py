@@ -291,3 +291,38 @@ def test_phasetrain_resume_cli_continues_from_the_run_folder(crashed_run: pathli
     assert result.returncode == 0, result.stderr
     assert "newest intact checkpoint" in result.stderr
     assert (crashed_run / "model.safetensors").is_file()
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Digits with random noise drawn in __getitem__ from torch, numpy and python RNGs (in the workers)."""
+
+    def __init__(self, base: torch.utils.data.TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import random as python_random
+
+        import numpy as np
+        pixels, label = self.base[index]
+        noise = torch.rand(64) * 0.05 + float(np.random.rand()) * 0.01 + python_random.random() * 0.01
+        return pixels + noise, label
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_is_exact_with_random_augmentation_in_workers(tmp_path: pathlib.Path, workers: int) -> None:
+    from tests.conftest import digits
+    data = digits()
+    train = Augmented(data["train"])
+    sections = {"data": None, "train": {"epochs": 2, "num_workers": workers},
+                "checkpoint": {"every_epochs": 0, "every_steps": 7, "keep_last": 1}}
+    reference = Trainer(digits_config(tmp_path / "a", **sections), train_data=train)
+    reference.run()
+    config = digits_config(tmp_path / "b", **sections)
+    with pytest.raises(Crash):
+        Trainer(config, train_data=train, callbacks=[CrashAt(step=17)]).run()  # resumes from step 14
+    resumed = Trainer(config, train_data=train)
+    resumed.run(resume="latest")
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))

@@ -9,9 +9,11 @@ The sampler also shards batches across processes, so no wrapper runs per batch.
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -42,18 +44,55 @@ class EpochBatchSampler:
                 order += order[: world_size - size % world_size]
             order = order[rank::world_size]
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        self.batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+        base = epoch_seed(seed, epoch) * 1_000_003 + rank
+        self.batches = [Batch(order[i : i + batch_size], (base + n * 7_919) % (2**63 - 1))
+                        for n, i in enumerate(range(0, stop, batch_size))]
         self.skip = skip
 
     @property
     def batches_per_epoch(self) -> int:
         return len(self.batches)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[Batch]:
         return iter(self.batches[self.skip :])
 
     def __len__(self) -> int:
         return len(self.batches) - self.skip
+
+
+class Batch(list[int]):
+    """The dataset indices of one batch, with a seed of its own for worker processes (see WorkerSeeded)."""
+
+    def __init__(self, indices: list[int], seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+
+class WorkerSeeded(Dataset[Any]):
+    """Seeds python, numpy and torch RNGs in a DataLoader worker from the batch itself before loading it.
+
+    A worker's RNG otherwise depends on how many batches that worker loaded before, so after a
+    mid-epoch resume (fresh workers, skipped batches) random augmentation would draw other numbers.
+    Seeded per batch, every batch's draws depend on (run seed, epoch, batch number) alone. In the main
+    process (``num_workers=0``) nothing is reseeded: the checkpoint's RNG state covers that case.
+    """
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        if isinstance(indices, Batch) and torch.utils.data.get_worker_info() is not None:
+            random.seed(indices.seed)
+            np.random.seed(indices.seed % 2**32)
+            torch.manual_seed(indices.seed)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return list(getitems(indices)) if getitems else [self.dataset[i] for i in indices]
 
 
 def check_dataset(dataset: Any, name: str) -> None:
@@ -72,5 +111,7 @@ def check_dataset(dataset: Any, name: str) -> None:
 def make_loader(dataset: Dataset[Any], sampler: EpochBatchSampler, *, num_workers: int, seed: int,
                 pin_memory: bool, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader[Any]:
     """A plain DataLoader over ``sampler``; its own generator keeps the global RNG untouched."""
+    if num_workers > 0:
+        dataset = WorkerSeeded(dataset)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
