@@ -146,3 +146,36 @@ def test_component_that_raises_is_reported_with_its_spec(tmp_path: pathlib.Path)
     with pytest.raises(ConfigError, match=r"metrics.accuracy: calling torchmetrics.classification:MulticlassAccuracy "
                                           r"with args \{\} failed: ValueError: Argument `num_classes`"):
         Trainer(config)
+
+
+def test_trainer_takes_a_config_path_or_dict_and_names_anything_else(tmp_path: pathlib.Path) -> None:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert Trainer(str(root / "examples/digits.yaml")).config.train.epochs == 15
+    assert Trainer(digits_config(tmp_path / "run").to_dict()).config.run_dir == tmp_path / "run"
+    with pytest.raises(ConfigError, match="expected a RunConfig, a config file path or a dict, got int"):
+        Trainer(3)  # type: ignore[arg-type]
+
+
+def test_a_metric_that_is_not_a_torchmetric_is_refused_before_training(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="metrics.acc: a function has no update, compute, reset, to"):
+        Trainer(digits_config(tmp_path / "run"), metrics={"acc": lambda p, t: 0.0})
+
+
+def test_a_target_module_that_fails_to_import_is_named(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "broken_mod.py").write_text("def make_model(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="importing module 'broken_mod' of target 'broken_mod:make_model' failed: "
+                                          "SyntaxError"):
+        Trainer(digits_config(tmp_path / "run", model={"target": "broken_mod:make_model"}))
+
+
+def test_drop_last_with_fewer_samples_than_a_batch_is_refused(tmp_path: pathlib.Path) -> None:
+    small = torch.utils.data.Subset(digits()["train"], range(10))
+    with pytest.raises(DataError, match="train dataset has 10 samples per process, fewer than batch_size 32 "
+                                        "with drop_last"):
+        Trainer(digits_config(tmp_path / "run", train={"drop_last": True}), train_data=small)
+
+
+def test_a_monitor_no_metric_matches_is_warned_about(tmp_path: pathlib.Path) -> None:
+    with pytest.warns(UserWarning, match="checkpoint.monitor 'eval/acc' is not a metric this run logs"):
+        Trainer(digits_config(tmp_path / "run", checkpoint={"monitor": "eval/acc"}))

@@ -166,8 +166,13 @@ def test_invalid_graphs_are_refused_with_the_phases_named() -> None:
             Edge("setup", "train_epoch"), Edge("train_epoch", "done"), Edge("orphan", "done")]).validate()
     with pytest.raises(GraphError, match="done cannot be reached from: train_epoch, spin"):
         PhaseGraph(["setup", "train_epoch", "spin", "done"], [
-            Edge("setup", "train_epoch"), Edge("setup", "done"), Edge("train_epoch", "spin"),
+            Edge("setup", "train_epoch", on_last_epoch()), Edge("setup", "done"), Edge("train_epoch", "spin"),
             Edge("spin", "train_epoch")]).validate()
+    # An unconditional edge shadows the edges after it: here train_epoch could never reach done.
+    with pytest.raises(GraphError, match="phases not reachable from setup: eval_epoch, checkpoint, done"):
+        PhaseGraph.default().add_phase("loop", after="train_epoch", then="train_epoch")
+    with pytest.raises(GraphError, match="then='setup': setup runs once"):
+        PhaseGraph.default().add_phase("again", after="eval_epoch", then="setup")
     with pytest.raises(GraphError, match="no unconditional way out .*: train_epoch"):
         PhaseGraph(["setup", "train_epoch", "done"], [
             Edge("setup", "train_epoch"), Edge("train_epoch", "done", on_last_epoch())]).validate()
@@ -177,6 +182,40 @@ def test_invalid_graphs_are_refused_with_the_phases_named() -> None:
         PhaseGraph.default().add_phase("late", after="done")
     with pytest.raises(GraphError, match="must be lowercase letters"):
         PhaseGraph.default().add_phase("Test Set", after="eval_epoch")
+
+
+def test_a_refused_phase_leaves_the_graph_unchanged() -> None:
+    graph = PhaseGraph.default()
+    before = (list(graph.phases), list(graph.edges))
+    with pytest.raises(GraphError):
+        graph.add_phase("bad", after="checkpoint", then="eval_epoch")
+    assert (graph.phases, graph.edges) == before
+    graph.add_phase("good", after="eval_epoch")  # not blocked by the refused one
+
+
+def test_phases_added_after_the_same_phase_run_in_the_order_added(tmp_path: pathlib.Path) -> None:
+    class Named(Snapshot):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+    trainer = Trainer(digits_config(tmp_path / "run", train={"epochs": 4}))
+    first, second = Named("first"), Named("second")
+    trainer.add_phase(first, after="eval_epoch", when=every_n_epochs(2))
+    trainer.add_phase(second, after="eval_epoch")
+    walk = [[name for name, _ in epoch.phases] for epoch in plan(trainer)]
+    assert walk[1] == ["train_epoch", "eval_epoch", "second"]
+    assert walk[2] == ["train_epoch", "eval_epoch", "first", "second"]
+    trainer.run()
+    assert (first.epochs, second.epochs) == ([2, 4], [1, 2, 3, 4])
+
+
+def test_every_n_steps_fires_after_each_epoch_that_crossed_a_multiple(tmp_path: pathlib.Path) -> None:
+    trainer = Trainer(digits_config(tmp_path / "run", train={"epochs": 7, "eval_every": 3}))  # 40 steps/epoch
+    snapshot = Snapshot()
+    trainer.add_phase(snapshot, after="train_epoch", when=every_n_steps(100))
+    trainer.run()
+    assert snapshot.epochs == [3, 5]  # epoch 3 is steps 81-120, epoch 5 is 161-200; epoch 7 (241-280) crosses none
 
 
 def test_test_phase_without_a_dataset_is_refused_when_added(tmp_path: pathlib.Path) -> None:

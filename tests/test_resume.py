@@ -326,3 +326,85 @@ def test_mid_epoch_resume_is_exact_with_random_augmentation_in_workers(tmp_path:
     resumed = Trainer(config, train_data=train)
     resumed.run(resume="latest")
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+
+
+@pytest.mark.parametrize(("log_every", "every_steps", "crash_step"), [(10, 4, 17), (5, 3, 7)])
+def test_metrics_file_after_a_resume_equals_the_uninterrupted_one(tmp_path: pathlib.Path, log_every: int,
+                                                                  every_steps: int, crash_step: int) -> None:
+    sections = {"train": {"epochs": 2, "log_every_steps": log_every},
+                "checkpoint": {"every_epochs": 0, "every_steps": every_steps, "keep_last": 1}}
+    Trainer(digits_config(tmp_path / "a", **sections)).run()
+    config = digits_config(tmp_path / "b", **sections)
+    with pytest.raises(Crash):
+        Trainer(config, callbacks=[CrashAt(step=crash_step)]).run()
+    Trainer(config).run(resume="latest")
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
+
+
+def test_resume_restores_which_parameters_a_phase_unfroze(tmp_path: pathlib.Path) -> None:
+    from phasetrain import Phase, on_epoch
+
+    class Unfreeze(Phase):
+        name = "unfreeze"
+        when = on_epoch(1)
+
+        def run(self, trainer: Trainer) -> None:
+            for p in trainer.accelerator.unwrap_model(trainer.model).parameters():
+                p.requires_grad_(True)
+
+    def trainer_for(name: str, *callbacks: Callback) -> Trainer:
+        config = digits_config(tmp_path / name, train={"epochs": 2},
+                               checkpoint={"every_epochs": 0, "every_steps": 10, "keep_last": 1})
+        trainer = Trainer(config, callbacks=list(callbacks))
+        trainer.model[0].weight.requires_grad_(False)  # the first layer starts frozen
+        trainer.add_phase(Unfreeze(), after="train_epoch")
+        return trainer
+
+    reference = trainer_for("a")
+    reference.run()
+    with pytest.raises(Crash):
+        trainer_for("b", CrashAt(step=55)).run()
+    resumed = trainer_for("b")
+    resumed.run(resume="latest")
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+
+
+def test_an_epoch_checkpoint_is_not_rewritten_on_resume_and_an_aside_copy_still_counts(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 3},
+                           checkpoint={"every_epochs": 1, "keep_last": 5, "keep_best": 0})
+    with pytest.raises(Crash):
+        Trainer(config, callbacks=[CrashAt(epoch_start=2)]).run()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (only,) = [p for p in checkpoints.iterdir() if p.is_dir()]
+    # A crash between moving an old copy aside and renaming its replacement in leaves just the old copy.
+    only.rename(checkpoints / f".old-{only.name}")
+    trainer = Trainer(config)
+    with pytest.warns(UserWarning, match="newest intact"):
+        found = trainer.checkpoints.find("latest")
+    assert found.name == f".old-{only.name}"
+    (checkpoints / f".old-{only.name}").rename(only)
+    written = (only / "manifest.json").stat().st_mtime_ns
+    Trainer(config).run(resume="latest")
+    assert (only / "manifest.json").stat().st_mtime_ns == written  # resumed after it, not through it again
+
+
+def test_keep_best_ranks_only_checkpoints_taken_right_after_an_evaluation(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 3},
+                           checkpoint={"every_epochs": 1, "every_steps": 15, "keep_last": 1, "keep_best": 1,
+                                       "monitor": "eval/accuracy", "mode": "max"})
+    history = Trainer(config).run()
+    accuracies = history.get_metric_values("eval/accuracy")
+    best_epoch = accuracies.index(max(accuracies)) + 1
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
+    assert f"epoch{best_epoch:03d}-step{best_epoch * 40:07d}-checkpoint" in kept
+    assert len(kept) <= 2 and all(name.endswith("-checkpoint") or name == kept[-1] for name in kept)
+
+
+def test_checkpoint_inside_an_accumulation_group_is_refused(tmp_path: pathlib.Path) -> None:
+    class SaveMidGroup(Callback):
+        def on_after_backward(self, trainer: Trainer) -> None:
+            trainer.save_checkpoint()
+
+    config = digits_config(tmp_path / "run", train={"grad_accum_steps": 3})
+    with pytest.raises(CheckpointError, match=r"inside a gradient-accumulation group \(micro-step 1 of 3\)"):
+        Trainer(config, callbacks=[SaveMidGroup()]).run()

@@ -273,3 +273,29 @@ def test_iterable_dataset_without_length_trains_with_accumulation(tmp_path: path
     batches = -(-len(data["train"]) // 32)
     assert trainer.state.optimizer_step == 2 * -(-batches // 3)  # the short last group still steps
     assert history.get_latest_metric("eval/accuracy") > 0.6
+
+
+def test_reduce_lr_on_plateau_steps_on_the_monitored_metric(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 4},
+                           scheduler={"target": "torch.optim.lr_scheduler:ReduceLROnPlateau",
+                                      "args": {"mode": "max", "patience": 0, "factor": 0.5, "threshold": 10.0},
+                                      "interval": "epoch"},
+                           checkpoint={"monitor": "eval/accuracy", "mode": "max"})
+    history = Trainer(config).run()
+    # threshold 10 makes every evaluation after the first "no better": the LR halves after evaluations 2
+    # and 3, which the train records of epochs 3 and 4 show (train/lr is logged before the evaluation).
+    assert history.get_metric_values("train/lr") == pytest.approx([0.003, 0.003, 0.0015, 0.00075])
+
+
+def test_evaluate_from_a_callback_leaves_the_model_training(tmp_path: pathlib.Path) -> None:
+    seen: list[bool] = []
+
+    class EvaluateMidEpoch(Callback):
+        def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+            if trainer.state.optimizer_step == 3:
+                trainer.evaluate(digits()["eval"])
+            if trainer.state.optimizer_step == 4:
+                seen.append(trainer.model.training)
+
+    Trainer(digits_config(tmp_path / "run", train={"epochs": 1}), callbacks=[EvaluateMidEpoch()]).run()
+    assert seen == [True]

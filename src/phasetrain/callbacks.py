@@ -172,11 +172,12 @@ class MetricsFile(Callback):
 
     def __init__(self) -> None:
         self.lines_written = 0
+        self._restored = False
 
     def on_run_start(self, trainer: Trainer) -> None:
         # After a resume, drop the records written after the checkpoint: the run writes them again.
         path = self.path(trainer)
-        if trainer.accelerator.is_main_process and self.lines_written and path.exists():
+        if trainer.accelerator.is_main_process and self._restored and path.exists():
             kept = path.read_text().splitlines(keepends=True)[: self.lines_written]
             path.write_text("".join(kept))
 
@@ -195,6 +196,7 @@ class MetricsFile(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lines_written = int(state["lines_written"])
+        self._restored = True
 
 
 class EarlyStopping(Callback):
@@ -206,9 +208,18 @@ class EarlyStopping(Callback):
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
         self.bad_evaluations = 0
+        self._warned = False
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if record["kind"] != "epoch" or self.monitor not in record:
+        if record["kind"] != "epoch":
+            return
+        if self.monitor not in record:
+            prefix = self.monitor.split("/")[0] + "/"
+            if not self._warned and any(k.startswith(prefix) for k in record):  # a record it should be in
+                self._warned = True
+                import warnings
+                warnings.warn(f"EarlyStopping monitors {self.monitor!r}, which this run does not log; "
+                              f"records have {sorted(k for k in record if '/' in k)}", stacklevel=2)
             return
         value = record[self.monitor]
         better = self.best is None or (value < self.best - self.min_delta if self.mode == "min"

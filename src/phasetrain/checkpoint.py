@@ -5,7 +5,7 @@ A checkpoint folder ``RUN_DIR/checkpoints/epoch003-step0000168-checkpoint/`` hol
 - ``model.safetensors``            the unwrapped model's weights
 - ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``   state dicts (tensors and plain data only)
 - ``rng-<rank>.pt``                python, numpy, torch CPU/CUDA RNG states of each process
-- ``callbacks.pt``                 every callback's ``state_dict()``
+- ``callbacks.pt``                 every callback's and every phase's ``state_dict()``
 - ``state.json``                   phase and counters, data order, run history, config, version
 - ``manifest.json``                CRC-32 and size of every file above, written last
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from phasetrain.trainer import Trainer
 
 FORMAT_VERSION = 1
+SIGNAL_CHECK_EVERY = 16  # optimizer steps between signal agreements in multi-process runs
 
 
 class RunInterrupted(Exception):
@@ -66,10 +67,17 @@ class CheckpointManager:
     def after_optimizer_step(self) -> None:
         """Mid-epoch checkpoint every ``checkpoint.every_steps`` steps; checkpoint and stop after a signal."""
         every = self.trainer.config.checkpoint.every_steps
-        if (self.signal_received is not None or self._world_size > 1) and self._signal_agreed():
+        step = self.trainer.state.optimizer_step
+        # Alone, the flag is a plain read. With several processes they must agree, which is a collective:
+        # do it every SIGNAL_CHECK_EVERY steps rather than every step.
+        if (self._world_size == 1 or step % SIGNAL_CHECK_EVERY == 0) and self.signal_pending():
             self.stop_for_signal()
-        if every and self.trainer.state.optimizer_step % every == 0:
+        if every and step % every == 0:
             self.save()
+
+    def signal_pending(self) -> bool:
+        """Whether a stop signal arrived (in any process; the processes agree, one all-reduce)."""
+        return self._signal_agreed()
 
     def _signal_agreed(self) -> bool:
         # With several processes every one must stop at the same step, or the checkpoint's
@@ -109,6 +117,11 @@ class CheckpointManager:
         trainer = self.trainer
         accelerator = trainer.accelerator
         state = trainer.state
+        if state.micro_step:
+            raise CheckpointError(
+                f"cannot checkpoint inside a gradient-accumulation group (micro-step {state.micro_step} of "
+                f"{trainer.config.train.grad_accum_steps}): accumulated gradients are not saved, so the resume "
+                "would not be exact; save at an optimizer-step boundary (on_train_step_end)")
         name = f"epoch{state.epoch:03d}-step{state.optimizer_step:07d}-{state.phase}"
         final = self.folder / name
         tmp = self.folder / f".tmp-{name}"
@@ -117,7 +130,9 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        torch.save(_rng_to_tensors(capture_rng()), tmp / f"rng-{accelerator.process_index}.pt")
+        # Per process: its RNG streams and its share of the epoch's running loss.
+        torch.save({**_rng_to_tensors(capture_rng()), "train_loss_sum": float(state.train_loss_sum)},
+                   tmp / f"rng-{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # Each file is hashed and fsynced on a worker thread as soon as it is closed, while the
@@ -130,10 +145,15 @@ class CheckpointManager:
                 for path in tmp.glob("rng-*.pt"):
                     digests[path.name] = finisher.submit(_digest_and_sync, path)
                 _write_manifest(tmp, {name: future.result() for name, future in sorted(digests.items())})
-            if final.exists():  # the same position saved again: replace it
-                shutil.rmtree(final)
+            # The same position saved again: move the old one aside first and delete it only once the
+            # new one is in place, so some intact copy exists at every moment.
+            old = self.folder / f".old-{name}"
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
             tmp.rename(final)
             fsync_path(self.folder)
+            shutil.rmtree(old, ignore_errors=True)
             atomic_write_text(self.folder / "latest", name + "\n")
             self._apply_retention(name)
         accelerator.wait_for_everyone()
@@ -153,7 +173,9 @@ class CheckpointManager:
         if trainer.accelerator.scaler is not None:
             torch.save(trainer.accelerator.scaler.state_dict(), tmp / "scaler.pt")
             yield tmp / "scaler.pt"
-        torch.save([cb.state_dict() for cb in trainer.callbacks], tmp / "callbacks.pt")
+        torch.save({"callbacks": [cb.state_dict() for cb in trainer.callbacks],
+                    "phases": {name: phase.state_dict() for name, phase in trainer.phases.items()}},
+                   tmp / "callbacks.pt")
         yield tmp / "callbacks.pt"
         monitor = trainer.config.checkpoint.monitor
         metadata = {
@@ -164,7 +186,11 @@ class CheckpointManager:
             "processes": trainer.accelerator.num_processes,
             "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
             "history": trainer.run_history.state_dict(),
-            "monitor": {"name": monitor, "value": _latest(trainer, monitor)},
+            # Frozen/unfrozen parameters are model state that state_dict() leaves out.
+            "requires_grad": {name: p.requires_grad for name, p in
+                              trainer.accelerator.unwrap_model(trainer.model).named_parameters()},
+            # keep_best ranks only checkpoints taken right after the metric was measured.
+            "monitor": {"name": monitor, "value": _latest(trainer, monitor) if trainer.monitor_is_fresh() else None},
             "config": trainer.config.to_dict(),
         }
         (tmp / "state.json").write_text(json.dumps(metadata, indent=1))
@@ -188,6 +214,9 @@ class CheckpointManager:
         if not self.folder.is_dir():
             return []
         found = [p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        # A crash between moving an old copy aside and renaming its replacement in leaves only the
+        # .old- copy: it is intact, so it counts.
+        found += [p for p in self.folder.glob(".old-*") if not (self.folder / p.name[5:]).exists()]
         return sorted(found, key=lambda p: (_step_of(p), p.stat().st_mtime_ns))
 
     def find(self, which: str | os.PathLike[str]) -> pathlib.Path:
@@ -228,7 +257,13 @@ class CheckpointManager:
             trainer.scheduler.load_state_dict(_load(path / "scheduler.pt"))
         if trainer.accelerator.scaler is not None and (path / "scaler.pt").exists():
             trainer.accelerator.scaler.load_state_dict(_load(path / "scaler.pt"))
-        self._load_callbacks(metadata["callbacks"], _load(path / "callbacks.pt"))
+        saved = _load(path / "callbacks.pt")
+        self._load_callbacks(metadata["callbacks"], saved["callbacks"])
+        for name, phase_state in saved["phases"].items():
+            if name in trainer.phases:
+                trainer.phases[name].load_state_dict(phase_state)
+        for name, param in trainer.accelerator.unwrap_model(trainer.model).named_parameters():
+            param.requires_grad_(metadata["requires_grad"].get(name, param.requires_grad))
         trainer.run_history.load_state_dict(metadata["history"])
         trainer.state = RunState.from_dict(metadata["state"])
         trainer.state.epochs = trainer.config.train.epochs
@@ -238,7 +273,9 @@ class CheckpointManager:
                           f"this run has {trainer.accelerator.num_processes}; data shards and RNG streams differ",
                           stacklevel=3)
         else:
-            restore_rng(_rng_from_tensors(_load(rng_file)))
+            process_state = _load(rng_file)
+            trainer.state.train_loss_sum = process_state.pop("train_loss_sum", trainer.state.train_loss_sum)
+            restore_rng(_rng_from_tensors(process_state))
         trainer.set_phase(trainer.state.phase)
 
     def _load_callbacks(self, names: list[str], states: list[dict[str, Any]]) -> None:
@@ -364,7 +401,7 @@ def _monitor_value(checkpoint: pathlib.Path) -> float | None:
 
 def _step_of(path: pathlib.Path) -> tuple[int, int]:
     try:
-        epoch, step = path.name.split("-")[:2]
+        epoch, step = path.name.removeprefix(".old-").split("-")[:2]
         return int(step.removeprefix("step")), int(epoch.removeprefix("epoch"))
     except ValueError:
         return -1, -1

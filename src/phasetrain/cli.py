@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     graph.add_argument("--format", choices=("mermaid", "dot", "svg", "png"), default=None,
                        help="default: from -o's suffix, else mermaid")
     graph.add_argument("-o", "--output", type=pathlib.Path, help="write to this file instead of stdout")
+    graph.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for run")
     plan = commands.add_parser("plan", help="print the phases a run will walk, without training",
                                description="Print, epoch by epoch, the phases the run will walk and why.")
     plan.add_argument("config", type=pathlib.Path, help="YAML or JSON run config")
@@ -59,7 +60,8 @@ def _resume(args: argparse.Namespace) -> int:
     config_file = args.run_dir / "config.yaml"
     if not config_file.is_file():
         raise RunDirError(f"{args.run_dir} is not a run folder: it has no config.yaml")
-    config = RunConfig.from_file(config_file, overrides=[f"run_dir={args.run_dir}"])
+    config = RunConfig.from_file(config_file)
+    config.run_dir = args.run_dir  # set, not parsed: a folder named like a date or a number stays a path
     Trainer(config).run(resume=args.checkpoint)
     return 0
 
@@ -67,14 +69,17 @@ def _resume(args: argparse.Namespace) -> int:
 def _graph(args: argparse.Namespace) -> int:
     from phasetrain import render
     from phasetrain.config import RunConfig, ensure_importable_cwd
+    from phasetrain.errors import RunDirError
     from phasetrain.phases import graph_from_config
     ensure_importable_cwd()
     run_dir = args.source if args.source.is_dir() else None
-    config = RunConfig.from_file(run_dir / "config.yaml" if run_dir else args.source)
+    config = RunConfig.from_file(run_dir / "config.yaml" if run_dir else args.source, overrides=args.overrides)
     graph = graph_from_config(config)  # no model or data needed to draw
     highlight = _current_phase(run_dir) if run_dir else None
     fmt = args.format or (render.format_of(args.output) if args.output else "mermaid")
     if args.output:
+        if not args.output.parent.is_dir():
+            raise RunDirError(f"cannot write {args.output}: folder {args.output.parent} does not exist")
         render.write(graph, args.output, fmt, highlight)
         print(f"wrote {args.output}")
         return 0

@@ -48,19 +48,14 @@ def every_n_epochs(n: int) -> Condition:
 
 
 def every_n_steps(n: int) -> Condition:
-    """True when at least one multiple of n optimizer steps was crossed since the phase was last entered.
+    """True after an epoch during which the optimizer step count reached a multiple of n.
 
-    Phases run between epochs, so "every 100 steps" means: the epoch just trained reached or passed a
-    multiple of 100 (counted over the whole run).
+    Phases run between epochs, so "every 100 steps" means: the most recent train epoch reached or
+    passed step 100, 200, ... (counted over the whole run).
     """
     if n < 1:
         raise ValueError(f"every_n_steps needs n >= 1, got {n}")
-
-    def crossed(t: Trainer) -> bool:
-        steps = t.state.optimizer_step
-        before = steps - (t.steps_per_epoch or 0)
-        return steps // n > max(before, 0) // n
-    return Condition(crossed, f"every {n} steps")
+    return Condition(lambda t: t.state.optimizer_step // n > t.state.epoch_start_step // n, f"every {n} steps")
 
 
 def on_epoch(n: int) -> Condition:

@@ -47,6 +47,9 @@ class ImportSpec(BaseModel):
             obj: Any = importlib.import_module(module_name)
         except ImportError as exc:
             raise ConfigError(f"cannot import module {module_name!r} of target {self.target!r}: {exc}") from None
+        except Exception as exc:  # a module that fails while importing (SyntaxError, ...): name it
+            raise ConfigError(f"importing module {module_name!r} of target {self.target!r} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
         for part in attr_path.split("."):
             if not hasattr(obj, part):
                 raise ConfigError(f"module {module_name!r} has no attribute {attr_path!r} (target {self.target!r})")
@@ -144,8 +147,9 @@ class RunConfig(BaseModel):
                     data[key] = {"target": data[key]}
             if isinstance(data.get("metrics"), dict):
                 data["metrics"] = {k: {"target": v} if isinstance(v, str) else v for k, v in data["metrics"].items()}
-            if isinstance(data.get("callbacks"), list):
-                data["callbacks"] = [{"target": v} if isinstance(v, str) else v for v in data["callbacks"]]
+            for key in ("callbacks", "phases"):
+                if isinstance(data.get(key), list):
+                    data[key] = [{"target": v} if isinstance(v, str) else v for v in data[key]]
         return data
 
     # ---- loading ------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class PhaseGraph:
     def __init__(self, phases: list[str], edges: list[Edge]) -> None:
         self.phases = phases
         self.edges = edges
+        self._chains: dict[str, list[str]] = {}  # phase -> [phase, phases added after it, in order]
 
     @classmethod
     def default(cls) -> PhaseGraph:
@@ -68,7 +69,9 @@ class PhaseGraph:
     # ---- changing the graph ---------------------------------------------------------------------
     def add_phase(self, name: str, after: str, when: Condition | None = None, then: str | None = None) -> None:
         """Insert ``name`` after ``after``: entered when ``when`` holds, then on to what followed ``after``
-        (or to ``then``, unconditionally). Raises GraphError naming the problem and the phases."""
+        (or to ``then``, unconditionally). Phases added after the same phase run in the order they were
+        added, each when its condition holds. Raises GraphError naming the problem and the phases; the
+        graph is unchanged then."""
         if not _NAME.match(name):
             raise GraphError(f"phase name {name!r} must be lowercase letters, digits and '_' "
                              "(it becomes hook names like on_enter_<name>)")
@@ -79,17 +82,29 @@ class PhaseGraph:
                 raise GraphError(f"{role}={existing!r} names no phase; phases: {', '.join(self.phases)}")
         if after == "done":
             raise GraphError("after='done': done is final, nothing runs after it")
-        onward = [replace(e, source=name) for e in self.edges_from(after)] if then is None else [Edge(name, then)]
-        first_out = next(i for i, e in enumerate(self.edges) if e.source == after)
-        self.edges.insert(first_out, Edge(after, name, when))
-        self.edges.extend(onward)
-        self.phases.insert(self.phases.index("done"), name)
-        self.validate()
+        if then == self.phases[0]:
+            raise GraphError(f"then={then!r}: {then} runs once, at the start of the run")
+        chain = self._chains.get(after, [after])  # `after` and the phases already added after it
+        edges = list(self.edges)
+        for member in chain:
+            # Before member's continuation, after its edges into later members of the chain.
+            later = chain[chain.index(member) + 1:]
+            out = [i for i, e in enumerate(edges) if e.source == member]
+            into_later = [i for i in out if edges[i].dest in later]
+            edges.insert(into_later[-1] + 1 if into_later else out[0], Edge(member, name, when))
+        continuation = [e for e in self.edges_from(after) if e.dest not in chain[1:]]
+        edges += [replace(e, source=name) for e in continuation] if then is None else [Edge(name, then)]
+        phases = [*self.phases[:-1], name, self.phases[-1]] if self.phases[-1] == "done" else [*self.phases, name]
+        PhaseGraph(phases, edges).validate()  # check a copy: a refused phase leaves the graph as it was
+        self.phases, self.edges = phases, edges
+        if then is None:
+            self._chains[after] = [*chain, name]
 
     # ---- checks ---------------------------------------------------------------------------------
     def validate(self) -> None:
         """Every phase reachable from setup, done reachable from every phase, every phase has an
-        unconditional way out, and no cycle that avoids train_epoch (it could repeat forever)."""
+        unconditional way out, and no cycle that avoids train_epoch (it could repeat forever). Edges
+        after a phase's first unconditional one can never be taken and do not count."""
         unknown = sorted({p for e in self.edges for p in (e.source, e.dest)} - set(self.phases))
         if unknown:
             raise GraphError(f"edges name unknown phases {unknown}; phases: {', '.join(self.phases)}")
@@ -108,11 +123,22 @@ class PhaseGraph:
             raise GraphError(f"cycle {' -> '.join(cycle)} never passes {', '.join(sorted(ADVANCING_PHASES))}, "
                              "so it could repeat without the epoch or step advancing")
 
+    def live_edges(self) -> list[Edge]:
+        """Edges that can ever be taken: those out of a phase up to its first unconditional one."""
+        live: list[Edge] = []
+        for phase in self.phases:
+            for edge in self.edges_from(phase):
+                live.append(edge)
+                if edge.condition is None:
+                    break
+        return live
+
     def _reachable(self, start: str, forward: bool) -> set[str]:
         seen, todo = {start}, [start]
+        live = self.live_edges()
         while todo:
             node = todo.pop()
-            for e in self.edges:
+            for e in live:
                 a, b = (e.source, e.dest) if forward else (e.dest, e.source)
                 if a == node and b not in seen:
                     seen.add(b)
@@ -122,7 +148,8 @@ class PhaseGraph:
     def _cycle_avoiding(self, advancing: frozenset[str]) -> list[str] | None:
         """A cycle among the phases other than ``advancing`` (as a list of names), or None."""
         nodes = [p for p in self.phases if p not in advancing]
-        successors = {p: [e.dest for e in self.edges_from(p) if e.dest not in advancing] for p in nodes}
+        live = self.live_edges()
+        successors = {p: [e.dest for e in live if e.source == p and e.dest not in advancing] for p in nodes}
         state: dict[str, int] = {}  # 1 = on the current path, 2 = done
         path: list[str] = []
 

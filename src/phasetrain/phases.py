@@ -46,6 +46,13 @@ class Phase:
     def check(self, trainer: Trainer) -> None:
         """Raise a PhasetrainError if this phase cannot run with ``trainer``."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """State a checkpoint must keep for an exact resume (counters, anything the phase changed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -74,10 +81,8 @@ class TrainEpochPhase(Phase):
         accum = cfg.grad_accum_steps
         log_every = cfg.log_every_steps
         distributed = trainer.accelerator.num_processes > 1
-        start_loss = float(state.train_loss_sum)
-        epoch_loss = LossSum(start_loss, trainer.device)
+        epoch_loss = LossSum(float(state.train_loss_sum), trainer.device)
         state.train_loss_sum = epoch_loss  # a checkpoint reads it with float()
-        logged = [start_loss, state.train_samples]  # loss sum and samples at the last step log
         step_loss = torch.zeros((), device=trainer.device)
 
         def finish_step(loss: torch.Tensor) -> None:
@@ -90,9 +95,9 @@ class TrainEpochPhase(Phase):
             fire("on_train_step_end", trainer, loss)
             if log_every and state.optimizer_step % log_every == 0:
                 total = float(epoch_loss)  # sync point, once per log_every steps
-                mean = (total - logged[0]) / max(state.train_samples - logged[1], 1)
+                mean = (total - state.logged_loss_sum) / max(state.train_samples - state.logged_samples, 1)
                 trainer.log({"train/loss": mean, "train/lr": trainer.learning_rate}, kind="step")
-                logged[:] = [total, state.train_samples]
+                state.logged_loss_sum, state.logged_samples = total, state.train_samples
             trainer.after_optimizer_step()
 
         for batch in loader:
@@ -151,8 +156,11 @@ class LossSum:
 
     def total(self) -> torch.Tensor:
         if self._losses:
-            sizes = torch.tensor(self._sizes, device=self._sum.device, dtype=torch.float64)
-            self._sum += (torch.stack(self._losses).double() * sizes).sum()
+            losses = torch.stack(self._losses).double()
+            if len(set(self._sizes)) == 1:  # the usual case: no host-to-device copy of the sizes
+                self._sum += losses.sum() * self._sizes[0]
+            else:
+                self._sum += (losses * torch.tensor(self._sizes, dtype=torch.float64).to(losses.device)).sum()
             self._losses.clear()
             self._sizes.clear()
         return self._sum
@@ -178,6 +186,9 @@ class CheckpointPhase(Phase):
     name = "checkpoint"
 
     def run(self, trainer: Trainer) -> None:
+        # Saving is this phase's whole work: the checkpoint records it as done, so a resume goes on to
+        # the next phase instead of writing the same checkpoint again.
+        trainer.state.phase_complete = True
         trainer.save_checkpoint()
 
 

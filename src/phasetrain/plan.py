@@ -42,6 +42,7 @@ def plan(trainer: Trainer) -> list[PlannedEpoch]:
                 state = trainer.state
                 state.epoch += 1
                 first = state.optimizer_step + 1
+                state.epoch_start_step = state.optimizer_step
                 state.optimizer_step += steps_per_epoch or 0
                 epochs.append(PlannedEpoch(state.epoch, first, state.optimizer_step))
             epochs[-1].phases.append((phase, trainer.graph.edge_label(edge)))

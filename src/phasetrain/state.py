@@ -25,6 +25,10 @@ class RunState:
     stop_reason: str = ""
     train_loss_sum: Any = 0.0  # float; a device tensor while an epoch runs (read at checkpoints)
     train_samples: int = 0
+    logged_loss_sum: float = 0.0  # train loss sum and samples at the last step log of this epoch
+    logged_samples: int = 0
+    epoch_start_step: int = 0  # optimizer steps before the current epoch
+    monitor_at: tuple[int, int] | None = None  # (epoch, step) when checkpoint.monitor was last logged
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -48,4 +52,7 @@ class RunState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
-        return cls(**data)
+        state = cls(**data)
+        if state.monitor_at is not None:
+            state.monitor_at = (int(state.monitor_at[0]), int(state.monitor_at[1]))  # JSON gives a list
+        return state

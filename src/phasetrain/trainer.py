@@ -11,11 +11,12 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pathlib
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,11 +49,11 @@ class Trainer:
     ``(inputs, targets)``; ``metrics`` maps names to torchmetrics objects, computed per eval epoch.
     """
 
-    def __init__(self, config: RunConfig | None = None, *, model: torch.nn.Module | None = None,
+    def __init__(self, config: RunConfig | str | os.PathLike[str] | Mapping[str, Any] | None = None, *, model: torch.nn.Module | None = None,
                  loss_fn: Any = None, optimizer: torch.optim.Optimizer | None = None,
                  train_data: Dataset[Any] | None = None, eval_data: Dataset[Any] | None = None,
                  metrics: Mapping[str, Any] | None = None, callbacks: Iterable[Callback] | None = None) -> None:
-        self.config = config or RunConfig()
+        self.config = _as_config(config)
         train_cfg = self.config.train
         self.accelerator = _accelerator(train_cfg.mixed_precision)
         self.device = self.accelerator.device
@@ -63,7 +64,7 @@ class Trainer:
         self.train_data, self.eval_data, self.test_data = parts.train_data, parts.eval_data, parts.test_data
         self.model, self.optimizer = self.accelerator.prepare(parts.model, parts.optimizer)
         self.scheduler = parts.scheduler
-        self.metrics = {name: metric.to(self.device) for name, metric in parts.metrics.items()}
+        self.metrics = {name: _checked_metric(name, metric).to(self.device) for name, metric in parts.metrics.items()}
 
         self.state = RunState(epochs=train_cfg.epochs)
         self.run_history = RunHistory()
@@ -75,6 +76,10 @@ class Trainer:
             self._insert_phase(*build_phase(spec, index))
         self.callbacks = CallbackList(self._merge_callbacks(parts.callbacks + list(callbacks or [])), self.graph.phases)
         self._started = False
+        if self.train_batches == 0:
+            raise DataError(f"train dataset has {len(self.train_data)} samples per process, fewer than "
+                            f"batch_size {train_cfg.batch_size} with drop_last: no batch to train on")
+        self._warn_unknown_monitor()
         self._build_machine()
         self._move_batches = self.device.type != "cpu"
         # Without a grad scaler, DeepSpeed, Megatron or XLA, AcceleratedOptimizer.step/zero_grad and
@@ -102,8 +107,14 @@ class Trainer:
         self._build_machine()
 
     def add_callback(self, callback: Callback) -> None:
-        """Add a callback after construction (for example one with hooks of a phase added by ``add_phase``)."""
-        self.callbacks = CallbackList([*self.callbacks.callbacks, callback], self.graph.phases)
+        """Add a callback after construction (for example one with hooks of a phase added by ``add_phase``).
+
+        Like a callback given to the constructor, it replaces a default callback of its class.
+        """
+        defaults = [type(cb) for cb in self.default_callbacks()]
+        kept = [cb for cb in self.callbacks.callbacks
+                if not (type(cb) in defaults and isinstance(callback, type(cb)))]
+        self.callbacks = CallbackList([*kept, callback], self.graph.phases)
 
     def _insert_phase(self, phase: Phase, after: str, when: Condition | None, then: str | None) -> None:
         if not isinstance(phase, Phase):
@@ -115,6 +126,17 @@ class Trainer:
     def _build_machine(self) -> None:
         self._runner = PhaseRunner()
         self._machine = self.graph.build_machine(self, self._runner, self._on_enter_phase, self._on_exit_phase)
+
+    def _warn_unknown_monitor(self) -> None:
+        cfg = self.config.checkpoint
+        if cfg.keep_best == 0:
+            return
+        names = ["loss", *self.metrics]
+        known = {"train/loss", "train/lr"} | {f"{split}/{n}" for split in ("eval", "test") for n in names} | {
+            f"{phase}/{n}" for phase in self.phases for n in names}
+        if cfg.monitor not in known:
+            warnings.warn(f"checkpoint.monitor {cfg.monitor!r} is not a metric this run logs ({', '.join(sorted(known))}); "
+                          "keep_best keeps nothing unless a callback logs it", stacklevel=3)
 
     def render_graph(self, path: str | os.PathLike[str] | None = None, *, format: str | None = None,
                      highlight: str | None = None) -> str | bytes | pathlib.Path:
@@ -166,7 +188,7 @@ class Trainer:
                 self.state.phase_complete = True
             if self.state.phase == "done":
                 break
-            if self.checkpoints.signal_received is not None:
+            if self.checkpoints.signal_pending():
                 self.checkpoints.stop_for_signal()
             if not self._runner.advance():
                 raise GraphError(f"no edge out of phase {self.state.phase!r} could be taken")
@@ -185,8 +207,9 @@ class Trainer:
         state.phase, state.phase_complete = phase, False
         if phase == "train_epoch":
             state.epoch += 1
-            state.batch_in_epoch = state.micro_step = state.train_samples = 0
-            state.train_loss_sum = 0.0
+            state.batch_in_epoch = state.micro_step = state.train_samples = state.logged_samples = 0
+            state.train_loss_sum = state.logged_loss_sum = 0.0
+            state.epoch_start_step = state.optimizer_step
         self.callbacks.fire(f"on_enter_{phase}", self)
 
     def _on_exit_phase(self, phase: str) -> None:
@@ -302,8 +325,16 @@ class Trainer:
 
     def scheduler_step(self, interval: str) -> None:
         """Step the LR scheduler if it runs at this ``interval`` (``"step"`` or ``"epoch"``)."""
-        if self.scheduler is not None and self.config.scheduler is not None and self.config.scheduler.interval == interval:
+        spec = self.config.scheduler
+        plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps on metrics
+        if self.scheduler is not None and spec is not None and spec.interval == interval and not plateau:
             self.scheduler.step()
+
+    def scheduler_step_on_metrics(self, record: Mapping[str, float]) -> None:
+        """ReduceLROnPlateau steps on ``checkpoint.monitor`` whenever an epoch record carries it."""
+        monitor = self.config.checkpoint.monitor
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and monitor in record:
+            self.scheduler.step(record[monitor])
 
     def update_metrics(self, batch: Any, batch_output: BatchOutput) -> None:
         _, targets = unpack_batch(batch)
@@ -321,7 +352,10 @@ class Trainer:
     # ---- evaluation, prediction, logging ------------------------------------------------------
     def evaluate_dataset(self, dataset: Dataset[Any], progress: bool = False) -> dict[str, float]:
         """Mean loss and every metric over ``dataset``, exact across processes (no padded duplicates)."""
-        self.model.eval()
+        with _eval_mode(self.model):
+            return self._evaluate(dataset, progress)
+
+    def _evaluate(self, dataset: Dataset[Any], progress: bool) -> dict[str, float]:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         samples = torch.zeros((), device=self.device, dtype=torch.float64)
         with torch.no_grad():
@@ -349,9 +383,8 @@ class Trainer:
     def predict(self, dataset: Dataset[Any]) -> Any:
         """Model outputs for every sample of ``dataset`` in dataset order, gathered across processes."""
         dataset = self._checked(dataset, "predict(dataset)")
-        self.model.eval()
         outputs: list[Any] = []
-        with torch.no_grad():
+        with _eval_mode(self.model), torch.no_grad():
             for batch in self.eval_loader(dataset):
                 outputs.append(send_to_device(self.predict_step(self.to_device(batch)), "cpu"))
         local = torch.cat(outputs) if outputs and isinstance(outputs[0], torch.Tensor) else outputs
@@ -368,7 +401,14 @@ class Trainer:
         """Send a record (``phase``, ``epoch``, ``step``, ``kind`` and ``metrics``) to every ``on_log`` hook."""
         record = {"phase": self.state.phase, "epoch": self.state.epoch, "step": self.state.optimizer_step,
                   "kind": kind, **metrics}
+        if kind == "epoch" and self.config.checkpoint.monitor in metrics:
+            self.state.monitor_at = (self.state.epoch, self.state.optimizer_step)
+            self.scheduler_step_on_metrics(metrics)
         self.callbacks.fire("on_log", self, record)
+
+    def monitor_is_fresh(self) -> bool:
+        """Whether ``checkpoint.monitor`` was measured on the weights as they are now (no step since)."""
+        return self.state.monitor_at == (self.state.epoch, self.state.optimizer_step)
 
     @property
     def learning_rate(self) -> float:
@@ -437,6 +477,31 @@ class Trainer:
         return self.checkpoints.save()
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for a block, then back to the mode the model was in (a callback may evaluate mid-epoch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _as_config(config: object) -> RunConfig:
+    """A RunConfig from a RunConfig, a config file path, a dict, or None (all defaults)."""
+    if config is None:
+        return RunConfig()
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, str | os.PathLike):
+        return RunConfig.from_file(pathlib.Path(config))
+    if isinstance(config, Mapping):
+        return RunConfig.from_dict(dict(config))
+    raise ConfigError(f"Trainer(config): expected a RunConfig, a config file path or a dict, "
+                      f"got {type(config).__name__}")
+
+
 def _accelerator(mixed_precision: str) -> Accelerator:
     """An Accelerator with this run's precision, also when an earlier trainer in this process used another.
 
@@ -463,6 +528,14 @@ def _gather_in_order(local: torch.Tensor, size: int, world_size: int) -> torch.T
     for rank, part in enumerate(parts):
         result[rank::world_size] = part
     return result
+
+
+def _checked_metric(name: str, metric: Any) -> Any:
+    missing = [m for m in ("update", "compute", "reset", "to") if not callable(getattr(metric, m, None))]
+    if missing:
+        raise ConfigError(f"metrics.{name}: a {type(metric).__name__} has no {', '.join(missing)}; expected a "
+                          "torchmetrics.Metric (e.g. torchmetrics.classification:MulticlassAccuracy)")
+    return metric
 
 
 def _len_or_none(dataset: Any, batch_size: int) -> int | None:
