@@ -34,7 +34,6 @@ from phasetrain.errors import ConfigError, DataError, GraphError
 from phasetrain.graph import PhaseGraph, PhaseRunner
 from phasetrain.history import RunHistory
 from phasetrain.phases import Phase, build_phase, default_phases, unpack_batch
-from phasetrain.rng import preserved_rng
 from phasetrain.run_folder import RunFolder
 from phasetrain.state import RunState
 
@@ -352,7 +351,7 @@ class Trainer:
     # ---- evaluation, prediction, logging ------------------------------------------------------
     def evaluate_dataset(self, dataset: Dataset[Any], progress: bool = False) -> dict[str, float]:
         """Mean loss and every metric over ``dataset``, exact across processes (no padded duplicates)."""
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return self._evaluate(dataset, progress)
 
     def _evaluate(self, dataset: Dataset[Any], progress: bool) -> dict[str, float]:
@@ -384,7 +383,7 @@ class Trainer:
         """Model outputs for every sample of ``dataset`` in dataset order, gathered across processes."""
         dataset = self._checked(dataset, "predict(dataset)")
         outputs: list[Any] = []
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             for batch in self.eval_loader(dataset):
                 outputs.append(send_to_device(self.predict_step(self.to_device(batch)), "cpu"))
         local = torch.cat(outputs) if outputs and isinstance(outputs[0], torch.Tensor) else outputs
@@ -422,54 +421,9 @@ class Trainer:
 
     # ---- checks before training -----------------------------------------------------------------
     def check_model_fits_loss(self) -> None:
-        """Run two train samples through model and loss (eval mode, no grad, RNG untouched) before training.
-
-        A mismatch (wrong output width, wrong target type, non-scalar loss) stops the run here with a
-        message naming the model, the loss and the shapes, instead of failing mid-epoch.
-        """
-        if isinstance(self.train_data, IterableDataset):
-            return
-        samples = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
-        batch = self.to_device(torch.utils.data.default_collate(samples))
-        if type(self).calculate_eval_batch_loss is not Trainer.calculate_eval_batch_loss or \
-                type(self).calculate_train_batch_loss is not Trainer.calculate_train_batch_loss:
-            self._check_overridden_loss_step(batch)
-            return
-        inputs, targets = unpack_batch(batch)
-        model_name, loss_name = type(self.accelerator.unwrap_model(self.model)).__name__, _name(self.loss_fn)
-        with preserved_rng(), torch.no_grad():
-            self.model.eval()
-            try:
-                outputs = self.model(inputs)
-            except Exception as exc:
-                raise DataError(f"model {model_name} cannot run on a batch of train inputs {_shape(inputs)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
-            try:
-                loss = self.loss_fn(outputs, targets)
-            except Exception as exc:
-                raise DataError(f"model output does not fit the loss: {model_name} gives {_shape(outputs)}, "
-                                f"targets are {_shape(targets)}, and {loss_name} raised "
-                                f"{type(exc).__name__}: {exc}") from exc
-            finally:
-                self.model.train()
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise DataError(f"loss {loss_name} must return a scalar tensor, got {_shape(loss)} "
-                            "(use reduction='mean' or 'sum')")
-
-    def _check_overridden_loss_step(self, batch: Any) -> None:
-        with preserved_rng(), torch.no_grad():
-            self.model.eval()
-            try:
-                output = self.calculate_eval_batch_loss(batch)
-            except Exception as exc:
-                raise DataError(f"{type(self).__name__}.calculate_eval_batch_loss failed on a batch of 2 train "
-                                f"samples: {type(exc).__name__}: {exc}") from exc
-            finally:
-                self.model.train()
-        loss = output.get("loss") if isinstance(output, dict) else None
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise DataError(f"{type(self).__name__}.calculate_eval_batch_loss must return a dict with a scalar "
-                            f"'loss' tensor, 'model_outputs' and 'batch_size'; got {_shape(output)}")
+        """Run two train samples through model and loss before training (see ``phasetrain.checks``)."""
+        from phasetrain.checks import check_model_fits_loss
+        check_model_fits_loss(self)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> pathlib.Path:
@@ -478,7 +432,7 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode for a block, then back to the mode the model was in (a callback may evaluate mid-epoch)."""
     was_training = model.training
     model.eval()
@@ -550,11 +504,3 @@ def _say(text: str) -> None:
     tqdm.write(text)
 
 
-def _shape(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def _name(obj: Any) -> str:
-    return getattr(obj, "__name__", type(obj).__name__)
