@@ -1,6 +1,7 @@
-"""Two-process digits run for tests/test_distributed.py: ``torchrun --nproc_per_node 2 -m tests.distributed_job OUT``.
+"""Two-process digits runs for tests/test_distributed.py, under torchrun:
 
-Trains, then evaluates and predicts the test split; rank 0 writes what it saw to OUT.
+    torchrun --nproc_per_node 2 -m tests.distributed_job OUT                  train, evaluate, predict
+    torchrun --nproc_per_node 2 -m tests.distributed_job OUT resume-test N    crash at step N (0: resume)
 """
 from __future__ import annotations
 
@@ -10,13 +11,34 @@ import sys
 
 import torch
 
-from phasetrain import Trainer
+from phasetrain import Callback, Trainer
 from tests.conftest import digits, digits_config
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        if trainer.state.optimizer_step == self.step:
+            raise SystemExit(3)
+
+
+def resume_test(out: pathlib.Path, crash_step: int) -> None:
+    """Dropout, shuffling, accumulation and mid-epoch checkpoints across two processes."""
+    config = digits_config(out / "run", model={"args": {"hidden": 64, "dropout": 0.3}},
+                           train={"epochs": 2, "grad_accum_steps": 2},
+                           checkpoint={"every_epochs": 1, "every_steps": 4, "keep_last": 1})
+    trainer = Trainer(config, callbacks=[CrashAt(crash_step)] if crash_step else [])
+    trainer.run(resume="latest" if crash_step == 0 else None)
 
 
 def main() -> None:
     torch.set_num_threads(1)
     out = pathlib.Path(sys.argv[1])
+    if len(sys.argv) > 2:
+        resume_test(out, int(sys.argv[3]))
+        return
     trainer = Trainer(digits_config(out / "run", train={"epochs": 3}, checkpoint={"every_epochs": 3}))
     history = trainer.run()
     results = trainer.evaluate(digits()["test"])

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 
 from examples.digits import make_model
 from tests.conftest import digits
@@ -18,12 +17,15 @@ from tests.conftest import digits
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_two_processes_train_and_gather_each_sample_exactly_once(tmp_path: pathlib.Path) -> None:
+def two_processes(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "-m", "tests.distributed_job", str(tmp_path)],
-                            check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "tests.distributed_job", *args],
+                          check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_two_processes_train_and_gather_each_sample_exactly_once(tmp_path: pathlib.Path) -> None:
+    result = two_processes(str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads((tmp_path / "results.json").read_text())
     assert seen["processes"] == 2
@@ -44,3 +46,14 @@ def test_two_processes_train_and_gather_each_sample_exactly_once(tmp_path: pathl
     loss = torch.nn.functional.cross_entropy(expected, targets).item()
     assert seen["evaluate"]["loss"] == pytest.approx(loss, rel=1e-5)
     assert len(seen["history"]["eval/accuracy"]) == 3
+
+
+def test_two_process_mid_epoch_resume_is_bitwise_exact(tmp_path: pathlib.Path) -> None:
+    assert two_processes(str(tmp_path / "a"), "resume-test", "-1").returncode == 0  # never crashes
+    assert two_processes(str(tmp_path / "b"), "resume-test", "14").returncode != 0  # after the step-12 checkpoint
+    result = two_processes(str(tmp_path / "b"), "resume-test", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "run" / "metrics.jsonl").read_text() == (tmp_path / "b" / "run" / "metrics.jsonl").read_text()
