@@ -68,10 +68,6 @@ def on_last_epoch() -> Condition:
     return Condition(lambda t: t.state.is_last_epoch, "last epoch")
 
 
-def always() -> Condition:
-    return Condition(lambda t: True, "always")
-
-
 def condition_from_config(spec: object, where: str = "when") -> Condition:
     """Build a condition from config data: ``{every_n_epochs: 2}``, ``{every_n_steps: 100}``,
     ``{on_last_epoch: true}``, ``{all: [...]}``, ``{any: [...]}``, ``{not: {...}}`` (nested freely)."""

@@ -10,7 +10,7 @@ The sampler also shards batches across processes, so no wrapper runs per batch.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -109,9 +109,9 @@ def check_dataset(dataset: Any, name: str) -> None:
 
 
 def make_loader(dataset: Dataset[Any], sampler: EpochBatchSampler, *, num_workers: int, seed: int,
-                pin_memory: bool, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader[Any]:
+                pin_memory: bool) -> DataLoader[Any]:
     """A plain DataLoader over ``sampler``; its own generator keeps the global RNG untouched."""
     if num_workers > 0:
         dataset = WorkerSeeded(dataset)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed))

@@ -1,7 +1,7 @@
 """The run's position: which phase, which epoch, how many optimizer steps. One small object callbacks read."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -29,7 +29,6 @@ class RunState:
     logged_samples: int = 0
     epoch_start_step: int = 0  # optimizer steps before the current epoch
     monitor_at: tuple[int, int] | None = None  # (epoch, step) when checkpoint.monitor was last logged
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_last_epoch(self) -> bool:
