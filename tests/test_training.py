@@ -299,3 +299,20 @@ def test_evaluate_from_a_callback_leaves_the_model_training(tmp_path: pathlib.Pa
 
     Trainer(digits_config(tmp_path / "run", train={"epochs": 1}), callbacks=[EvaluateMidEpoch()]).run()
     assert seen == [True]
+
+
+def test_a_subclass_of_a_default_callback_replaces_it_at_construction_and_in_add_callback(config: RunConfig) -> None:
+    from phasetrain import MetricsFile, ProgressBar
+
+    class MyMetricsFile(MetricsFile):
+        pass
+
+    class MyBar(ProgressBar):
+        pass
+
+    trainer = Trainer(config, callbacks=[MyMetricsFile()])
+    trainer.add_callback(MyBar())
+    kinds = [type(cb) for cb in trainer.callbacks]
+    assert MyMetricsFile in kinds and MyBar in kinds
+    assert MetricsFile not in kinds and ProgressBar not in kinds
+    assert sum(isinstance(cb, MetricsFile) for cb in trainer.callbacks) == 1

@@ -48,8 +48,8 @@ class Trainer:
     ``(inputs, targets)``; ``metrics`` maps names to torchmetrics objects, computed per eval epoch.
     """
 
-    def __init__(self, config: RunConfig | str | os.PathLike[str] | Mapping[str, Any] | None = None, *, model: torch.nn.Module | None = None,
-                 loss_fn: Any = None, optimizer: torch.optim.Optimizer | None = None,
+    def __init__(self, config: RunConfig | str | os.PathLike[str] | Mapping[str, Any] | None = None, *,
+                 model: torch.nn.Module | None = None, loss_fn: Any = None, optimizer: torch.optim.Optimizer | None = None,
                  train_data: Dataset[Any] | None = None, eval_data: Dataset[Any] | None = None,
                  metrics: Mapping[str, Any] | None = None, callbacks: Iterable[Callback] | None = None) -> None:
         self.config = _as_config(config)
@@ -73,7 +73,8 @@ class Trainer:
         self.graph = PhaseGraph.default()
         for index, spec in enumerate(self.config.phases):
             self._insert_phase(*build_phase(spec, index))
-        self.callbacks = CallbackList(self._merge_callbacks(parts.callbacks + list(callbacks or [])), self.graph.phases)
+        user_callbacks = parts.callbacks + list(callbacks or [])
+        self.callbacks = CallbackList(self._with_callbacks(self.default_callbacks(), user_callbacks), self.graph.phases)
         self._started = False
         if self.train_batches == 0:
             raise DataError(f"train dataset has {len(self.train_data)} samples per process, fewer than "
@@ -110,10 +111,7 @@ class Trainer:
 
         Like a callback given to the constructor, it replaces a default callback of its class.
         """
-        defaults = [type(cb) for cb in self.default_callbacks()]
-        kept = [cb for cb in self.callbacks.callbacks
-                if not (type(cb) in defaults and isinstance(callback, type(cb)))]
-        self.callbacks = CallbackList([*kept, callback], self.graph.phases)
+        self.callbacks = CallbackList(self._with_callbacks(self.callbacks.callbacks, [callback]), self.graph.phases)
 
     def _insert_phase(self, phase: Phase, after: str, when: Condition | None, then: str | None) -> None:
         if not isinstance(phase, Phase):
@@ -233,10 +231,12 @@ class Trainer:
             callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
         return callbacks
 
-    def _merge_callbacks(self, user: list[Callback]) -> list[Callback]:
-        """Defaults first, then the user's; a user callback that is a default's class (or a subclass) replaces it."""
-        defaults = [cb for cb in self.default_callbacks() if not any(isinstance(u, type(cb)) for u in user)]
-        return defaults + user
+    def _with_callbacks(self, current: list[Callback], added: list[Callback]) -> list[Callback]:
+        """``current`` then ``added``; an added callback of a default's class (or a subclass) replaces that default."""
+        default_types = {type(cb) for cb in self.default_callbacks()}
+        kept = [cb for cb in current
+                if not (type(cb) in default_types and any(isinstance(new, type(cb)) for new in added))]
+        return kept + added
 
     # ---- data ---------------------------------------------------------------------------------
     def train_loader(self, skip_batches: int = 0) -> Iterable[Any]:
