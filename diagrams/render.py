@@ -17,9 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from phasetrain import RunConfig
-from phasetrain.graph import PhaseGraph
-from phasetrain.phases import graph_from_config
-from phasetrain.render import run_dot
+from phasetrain.graph import PhaseGraph, build_graph, default_graph
+from phasetrain.render import run_dot, to_dot, to_mermaid
 
 #: diagram name -> the example config it shows (None: the default graph)
 SOURCES = {"default": None, "digits": "examples/digits.yaml", "digits_test_phase": "examples/digits_test_phase.yaml"}
@@ -27,7 +26,7 @@ README_BLOCK = re.compile(r"(<!-- graph:start -->\n```mermaid\n)(.*?)(```\n<!-- 
 
 
 def graph(source: str | None) -> PhaseGraph:
-    return PhaseGraph.default() if source is None else graph_from_config(RunConfig.from_file(ROOT / source))
+    return default_graph() if source is None else build_graph(RunConfig.from_file(ROOT / source))
 
 
 def expected() -> dict[pathlib.Path, bytes]:
@@ -35,12 +34,12 @@ def expected() -> dict[pathlib.Path, bytes]:
     files: dict[pathlib.Path, bytes] = {}
     for name, source in SOURCES.items():
         g = graph(source)
-        files[ROOT / "diagrams" / f"{name}.mmd"] = g.to_mermaid().encode()
-        files[ROOT / "diagrams" / f"{name}.dot"] = g.to_dot().encode()
+        files[ROOT / "diagrams" / f"{name}.mmd"] = to_mermaid(g).encode()
+        files[ROOT / "diagrams" / f"{name}.dot"] = to_dot(g).encode()
         if shutil.which("dot"):
-            files[ROOT / "diagrams" / f"{name}.svg"] = run_dot(g.to_dot(), "svg")
+            files[ROOT / "diagrams" / f"{name}.svg"] = run_dot(to_dot(g), "svg")
     readme = (ROOT / "README.md").read_text()
-    block = graph(None).to_mermaid()
+    block = to_mermaid(graph(None))
     files[ROOT / "README.md"] = README_BLOCK.sub(lambda m: m.group(1) + block + m.group(3), readme).encode()
     return files
 

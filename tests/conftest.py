@@ -63,3 +63,15 @@ class PhaseRecorder(Callback):
 
     def on_enter_done(self, trainer: Any) -> None:
         self._enter("done")
+
+
+class ResumePoint(Callback):
+    """Where a run stood when ``run()`` started walking: what a resume restored (or a fresh start)."""
+
+    def __init__(self) -> None:
+        self.at: tuple[str, int, int, bool] | None = None
+
+    def on_run_start(self, trainer: Any) -> None:
+        state = trainer.state
+        self.at = (state.phase, state.epoch, state.optimizer_step, state.resumed)
+

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from phasetrain import checkpoint as checkpoint_module
+from phasetrain import checkpoint_files
 from phasetrain.cli import main
 
 
 def crash_in_nth_save(n: int) -> None:
-    original = checkpoint_module._write_manifest
+    original = checkpoint_files._write_manifest
     calls = {"count": 0}
 
     def write_half_then_die(folder: pathlib.Path, files: dict[str, Any]) -> None:
@@ -27,7 +27,7 @@ def crash_in_nth_save(n: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         original(folder, files)
 
-    checkpoint_module._write_manifest = write_half_then_die
+    checkpoint_files._write_manifest = write_half_then_die
 
 
 if __name__ == "__main__":

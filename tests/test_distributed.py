@@ -15,6 +15,7 @@ from examples.digits import make_model
 from tests.conftest import digits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def two_processes(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,6 +54,9 @@ def test_two_process_mid_epoch_resume_is_bitwise_exact(tmp_path: pathlib.Path) -
     assert two_processes(str(tmp_path / "b"), "resume-test", "14").returncode != 0  # after the step-12 checkpoint
     result = two_processes(str(tmp_path / "b"), "resume-test", "0")
     assert result.returncode == 0, result.stderr[-3000:]
+    # 10 steps an epoch per process; checkpoints every 4 steps: the crash at 14 resumes from step 12.
+    assert f"resuming {tmp_path / 'b' / 'run'} from epoch002-step0000012-train_epoch: epoch 2, step 12" in result.stdout
+    assert "no checkpoint in" not in result.stderr
     a = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -22,9 +22,10 @@ from phasetrain import (
     every_n_steps,
     on_last_epoch,
 )
-from phasetrain.graph import Edge, PhaseGraph
+from phasetrain.graph import Edge, PhaseGraph, default_graph
 from phasetrain.plan import plan
-from tests.conftest import PhaseRecorder, digits, digits_config
+from phasetrain.render import edge_label
+from tests.conftest import PhaseRecorder, ResumePoint, digits, digits_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,13 +53,12 @@ class Snapshot(Phase):
 def test_custom_phases_with_composed_conditions_visit_exactly_these_phases(tmp_path: pathlib.Path) -> None:
     config = digits_config(tmp_path / "run", train={"epochs": 6, "eval_every": 2}, checkpoint={"every_epochs": 3})
     trainer = Trainer(config)
-    steps = trainer.steps_per_epoch  # 40
-    assert steps == 40
+    assert trainer.data.steps_per_epoch == 40
     trainer.add_phase(TestPhase(), after="eval_epoch", when=every_n_epochs(2) & ~on_last_epoch())
     trainer.add_phase(Snapshot(), after="train_epoch", when=every_n_steps(100) | on_last_epoch())
     recorder = Recorder()
     trainer.add_callback(recorder)
-    planned = [name for epoch in plan(trainer) for name, _ in epoch.phases]
+    planned = [name for epoch in plan(trainer.machine, 6, 40) for name, _ in epoch.phases]
     history = trainer.run()
     # Steps 100 and 200 are crossed in epochs 3 and 5; the test phase follows evaluations except the last.
     assert recorder.visited == [
@@ -122,7 +122,10 @@ def test_resume_from_inside_a_custom_phase_is_bitwise_exact(tmp_path: pathlib.Pa
         trainer_for("b", crash=True).run()
     torch.manual_seed(999)
     resumed = trainer_for("b", crash=False)
+    point = ResumePoint()
+    resumed.add_callback(point)
     resumed.run(resume="latest")
+    assert point.at == ("noisy", 2, 80, True)  # saved at the start of the phase: it runs again from there
     for a, b in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -157,40 +160,51 @@ def test_callback_on_an_unknown_phase_lists_the_phases(tmp_path: pathlib.Path) -
     trainer.add_callback(Recorder())  # valid once the phases exist
 
 
+class Node(Phase):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def graph_of(names: list[str], edges: list[Edge]) -> PhaseGraph:
+    return PhaseGraph([Node(name) for name in names], edges)
+
+
 def test_invalid_graphs_are_refused_with_the_phases_named() -> None:
-    graph = PhaseGraph.default()
+    graph = default_graph()
     with pytest.raises(GraphError, match=r"cycle eval_epoch -> again -> eval_epoch never passes train_epoch"):
-        graph.add_phase("again", after="eval_epoch", when=every_n_epochs(2), then="eval_epoch")
+        graph.add_phase(Node("again"), after="eval_epoch", when=every_n_epochs(2), then="eval_epoch")
     with pytest.raises(GraphError, match="phases not reachable from setup: orphan"):
-        PhaseGraph(["setup", "train_epoch", "orphan", "done"], [
+        graph_of(["setup", "train_epoch", "orphan", "done"], [
             Edge("setup", "train_epoch"), Edge("train_epoch", "done"), Edge("orphan", "done")]).validate()
     with pytest.raises(GraphError, match="done cannot be reached from: train_epoch, spin"):
-        PhaseGraph(["setup", "train_epoch", "spin", "done"], [
+        graph_of(["setup", "train_epoch", "spin", "done"], [
             Edge("setup", "train_epoch", on_last_epoch()), Edge("setup", "done"), Edge("train_epoch", "spin"),
             Edge("spin", "train_epoch")]).validate()
     # An unconditional edge shadows the edges after it: here train_epoch could never reach done.
     with pytest.raises(GraphError, match="phases not reachable from setup: eval_epoch, checkpoint, done"):
-        PhaseGraph.default().add_phase("loop", after="train_epoch", then="train_epoch")
+        default_graph().add_phase(Node("loop"), after="train_epoch", then="train_epoch")
     with pytest.raises(GraphError, match="then='setup': setup runs once"):
-        PhaseGraph.default().add_phase("again", after="eval_epoch", then="setup")
+        default_graph().add_phase(Node("again"), after="eval_epoch", then="setup")
     with pytest.raises(GraphError, match="no unconditional way out .*: train_epoch"):
-        PhaseGraph(["setup", "train_epoch", "done"], [
+        graph_of(["setup", "train_epoch", "done"], [
             Edge("setup", "train_epoch"), Edge("train_epoch", "done", on_last_epoch())]).validate()
-    with pytest.raises(GraphError, match="a phase named 'checkpoint' already exists"):
-        PhaseGraph.default().add_phase("checkpoint", after="eval_epoch")
+    with pytest.raises(GraphError, match="a phase named 'checkpoint' already exists.*use replace_phase"):
+        default_graph().add_phase(Node("checkpoint"), after="eval_epoch")
     with pytest.raises(GraphError, match="after='done': done is final"):
-        PhaseGraph.default().add_phase("late", after="done")
+        default_graph().add_phase(Node("late"), after="done")
     with pytest.raises(GraphError, match="must be lowercase letters"):
-        PhaseGraph.default().add_phase("Test Set", after="eval_epoch")
+        default_graph().add_phase(Node("Test Set"), after="eval_epoch")
+    with pytest.raises(GraphError, match="replace_phase: no phase named 'evaluate' to replace; phases: setup"):
+        default_graph().replace_phase(Node("evaluate"))
 
 
 def test_a_refused_phase_leaves_the_graph_unchanged() -> None:
-    graph = PhaseGraph.default()
-    before = (list(graph.phases), list(graph.edges))
+    graph = default_graph()
+    before = (dict(graph.phases), list(graph.edges))
     with pytest.raises(GraphError):
-        graph.add_phase("bad", after="checkpoint", then="eval_epoch")
+        graph.add_phase(Node("bad"), after="checkpoint", then="eval_epoch")
     assert (graph.phases, graph.edges) == before
-    graph.add_phase("good", after="eval_epoch")  # not blocked by the refused one
+    graph.add_phase(Node("good"), after="eval_epoch")  # not blocked by the refused one
 
 
 def test_phases_added_after_the_same_phase_run_in_the_order_added(tmp_path: pathlib.Path) -> None:
@@ -203,7 +217,7 @@ def test_phases_added_after_the_same_phase_run_in_the_order_added(tmp_path: path
     first, second = Named("first"), Named("second")
     trainer.add_phase(first, after="eval_epoch", when=every_n_epochs(2))
     trainer.add_phase(second, after="eval_epoch")
-    walk = [[name for name, _ in epoch.phases] for epoch in plan(trainer)]
+    walk = [[name for name, _ in epoch.phases] for epoch in plan(trainer.machine, 4, 40)]
     assert walk[1] == ["train_epoch", "eval_epoch", "second"]
     assert walk[2] == ["train_epoch", "eval_epoch", "first", "second"]
     trainer.run()
@@ -231,7 +245,7 @@ def test_add_phase_once_running_is_refused(tmp_path: pathlib.Path) -> None:
         def on_enter_train_epoch(self, trainer: Trainer) -> None:
             trainer.add_phase(Snapshot(), after="eval_epoch")
 
-    with pytest.raises(GraphError, match="add phases before running"):
+    with pytest.raises(GraphError, match="change phases before running"):
         Trainer(digits_config(tmp_path / "run"), callbacks=[AddLate()]).run()
 
 
@@ -249,20 +263,15 @@ def custom_trainer(tmp_path: pathlib.Path) -> Trainer:
     return trainer
 
 
-def machine_edges(trainer: Trainer) -> list[tuple[str, str]]:
-    """(source, dest) of every transition of the live transitions machine."""
-    event = trainer._machine.events["advance"]
-    return [(t.source, t.dest) for transitions in event.transitions.values() for t in transitions]
-
-
 def test_mermaid_and_dot_show_every_phase_and_conditional_edge_of_the_live_machine(tmp_path: pathlib.Path) -> None:
     trainer = custom_trainer(tmp_path)
     mermaid = trainer.render_graph()
     dot = trainer.render_graph(format="dot")
     assert isinstance(mermaid, str) and isinstance(dot, str)
-    assert sorted(machine_edges(trainer)) == sorted((e.source, e.dest) for e in trainer.graph.edges)
-    for edge in trainer.graph.edges:
-        label = trainer.graph.edge_label(edge)
+    graph = trainer.machine.graph
+    assert sorted(trainer.machine.transitions()) == sorted((e.source, e.dest) for e in graph.edges)
+    for edge in graph.edges:
+        label = edge_label(graph, edge)
         assert f"    {edge.source} --> {edge.dest}" + (f": {label}" if label else "") in mermaid.splitlines()
         assert f"    {edge.source} -> {edge.dest}" + (f' [label="{label}"];' if label else ";") in dot.splitlines()
     assert "    eval_epoch --> test: every 2 epochs" in mermaid
@@ -282,7 +291,7 @@ def test_svg_and_png_are_drawn_by_graphviz(tmp_path: pathlib.Path) -> None:
     svg = trainer.render_graph(tmp_path / "loop.svg")
     text = pathlib.Path(svg).read_text()
     assert text.lstrip().startswith("<?xml") and "<svg" in text
-    assert all(f">{phase}</text>" in text for phase in trainer.graph.phases)
+    assert all(f">{phase}</text>" in text for phase in trainer.machine.graph.names)
     png = pathlib.Path(trainer.render_graph(tmp_path / "loop.png")).read_bytes()
     assert png.startswith(b"\x89PNG")
 

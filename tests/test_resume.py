@@ -1,147 +1,27 @@
-"""Exact resume: kill a run anywhere, resume it, and get the uninterrupted run's weights bit for bit."""
+"""Exact resume in process: crash by exception at a chosen moment, resume in a new Trainer, compare bit for bit.
+
+Every resume asserts where it started (phase, epoch, optimizer step): a resume that silently restarted
+from scratch would also end bitwise equal, and the "no checkpoint yet" warning is an error in this suite.
+"""
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
 from phasetrain import Callback, CheckpointError, Trainer
-from phasetrain.checkpoint import verify
-from tests.conftest import digits_config
+from phasetrain.checkpoint_files import crc32
+from tests.conftest import ResumePoint, digits, digits_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Dropout, shuffling, accumulation with a short last group (40 batches -> 13 steps of 3 + 1 of 1),
-# an LR schedule stepped per optimizer step, mid-epoch checkpoints every 5 steps.
-JOB: dict[str, Any] = {
-    "seed": 3,
-    "model": {"target": "examples.digits:make_model", "args": {"hidden": 64, "dropout": 0.2}},
-    "data": {"target": "examples.digits:make_data"},
-    "loss": "torch.nn:CrossEntropyLoss",
-    "optimizer": {"target": "torch.optim:AdamW", "args": {"lr": 0.003}},
-    "scheduler": {"target": "torch.optim.lr_scheduler:StepLR", "args": {"step_size": 7, "gamma": 0.9}},
-    "metrics": {"accuracy": {"target": "torchmetrics.classification:MulticlassAccuracy",
-                             "args": {"num_classes": 10, "average": "micro"}}},
-    "train": {"epochs": 6, "batch_size": 32, "grad_accum_steps": 3, "progress_bar": False},
-    "checkpoint": {"every_epochs": 1, "every_steps": 5, "keep_last": 2, "keep_best": 1, "monitor": "eval/accuracy",
-                   "mode": "max"},
-}
-
-
-def start(run_dir: pathlib.Path, resume: bool = False, crash_in_save: int | None = None) -> subprocess.Popen[str]:
-    """``phasetrain run JOB run_dir=RUN_DIR`` (or ``phasetrain resume RUN_DIR``) in a new process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if crash_in_save:
-        env["PHASETRAIN_TEST_CRASH_IN_SAVE"] = str(crash_in_save)
-    config_file = run_dir.parent / "job.yaml"
-    config_file.write_text(yaml.safe_dump(JOB))
-    args = ["resume", str(run_dir)] if resume else ["run", str(config_file), f"run_dir={run_dir}"]
-    return subprocess.Popen([sys.executable, "-m", "tests.resume_job", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen[str]) -> int:
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode in (0, -signal.SIGKILL, 143), stderr
-    return process.returncode
-
-
-def wait_for_checkpoints(run_dir: pathlib.Path, count: int, process: subprocess.Popen[str]) -> None:
-    """Block until the run has written ``count`` more checkpoints (the ``latest`` pointer changed)."""
-    pointer = run_dir / "checkpoints" / "latest"
-    seen = pointer.read_text() if pointer.exists() else None
-    changes = 0
-    while changes < count:
-        assert process.poll() is None, "the run ended before the kill"
-        current = pointer.read_text() if pointer.exists() else None
-        if current != seen:
-            seen, changes = current, changes + 1
-        time.sleep(0.005)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert finish(start(run_dir)) == 0
-    return run_dir
-
-
-def final_state(run_dir: pathlib.Path) -> tuple[dict[str, torch.Tensor], Any]:
-    last = max((run_dir / "checkpoints").glob("epoch006-*-checkpoint"))
-    return load_file(str(run_dir / "model.safetensors")), torch.load(last / "optimizer.pt", weights_only=True)
-
-
-def assert_bitwise_equal(run_dir: pathlib.Path, reference: pathlib.Path) -> None:
-    weights, optimizer = final_state(run_dir)
-    ref_weights, ref_optimizer = final_state(reference)
-    assert weights.keys() == ref_weights.keys()
-    for key in weights:
-        assert torch.equal(weights[key], ref_weights[key]), key
-    for index, param_state in ref_optimizer["state"].items():
-        for name, value in param_state.items():
-            assert torch.equal(optimizer["state"][index][name], value), (index, name)
-    assert optimizer["param_groups"] == ref_optimizer["param_groups"]
-    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert rows == (reference / "metrics.jsonl").read_text().splitlines()
-
-
-def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tmp_path: pathlib.Path,
-                                                                    uninterrupted: pathlib.Path) -> None:
-    run_dir = tmp_path / "run"
-    rng = random.Random(0)
-    process = start(run_dir)
-    for kill in range(3):
-        wait_for_checkpoints(run_dir, rng.randint(1, 6), process)
-        time.sleep(rng.uniform(0, 0.05))  # land anywhere: mid-step, mid-eval, mid-checkpoint-write
-        process.kill()
-        finish(process)
-        process = start(run_dir, resume=True)
-    assert finish(process) == 0
-    assert_bitwise_equal(run_dir, uninterrupted)
-
-
-def test_sigterm_finishes_the_step_checkpoints_and_exits_with_a_resume_hint(tmp_path: pathlib.Path,
-                                                                             uninterrupted: pathlib.Path) -> None:
-    run_dir = tmp_path / "run"
-    process = start(run_dir)
-    wait_for_checkpoints(run_dir, 3, process)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143 and f"resume with 'phasetrain resume {run_dir}'" in stderr
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    verify(run_dir / "checkpoints" / latest)
-    assert finish(start(run_dir, resume=True)) == 0
-    assert_bitwise_equal(run_dir, uninterrupted)
-
-
-def test_a_crash_inside_the_checkpoint_write_leaves_the_previous_one_loadable(tmp_path: pathlib.Path,
-                                                                              uninterrupted: pathlib.Path) -> None:
-    run_dir = tmp_path / "run"
-    assert finish(start(run_dir, crash_in_save=4)) == -signal.SIGKILL
-    checkpoints = run_dir / "checkpoints"
-    half_written = [p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
-    assert len(half_written) == 1
-    latest = checkpoints / (checkpoints / "latest").read_text().strip()
-    verify(latest)  # the third checkpoint (steps 5, 10, then epoch 1's end at 14), untouched by the crash
-    assert latest.name == "epoch001-step0000014-checkpoint"
-    assert finish(start(run_dir, resume=True)) == 0
-    assert not any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
-    assert_bitwise_equal(run_dir, uninterrupted)
-
-
-# ---- in-process resume: crash by exception at a chosen moment, resume in a new Trainer -----------------
 
 class Crash(Exception):
     pass
@@ -164,8 +44,20 @@ def weights(trainer: Trainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
 
 
-@pytest.mark.parametrize("crash", [CrashAt(step=20), CrashAt(epoch_start=3)], ids=["mid-epoch", "epoch-boundary"])
-def test_resume_with_workers_dropout_and_accumulation(tmp_path: pathlib.Path, crash: CrashAt) -> None:
+def resume(config: Any, **kwargs: Any) -> tuple[Trainer, tuple[str, int, int, bool] | None]:
+    """Resume ``config``'s run in a new Trainer; returns it and the (phase, epoch, step, resumed) it started at."""
+    point = ResumePoint()
+    trainer = Trainer(config, callbacks=[point], **kwargs)
+    trainer.run(resume="latest")
+    return trainer, point.at
+
+
+@pytest.mark.parametrize(("crash", "resumed_at"), [(CrashAt(step=20), ("train_epoch", 2, 16, True)),
+                                                   (CrashAt(epoch_start=3), ("checkpoint", 2, 20, True))],
+                         ids=["mid-epoch", "epoch-boundary"])
+def test_resume_with_workers_dropout_and_accumulation(tmp_path: pathlib.Path, crash: CrashAt,
+                                                      resumed_at: tuple[str, int, int, bool]) -> None:
+    # 1259 samples at 64: 20 batches, 10 steps an epoch; checkpoints every 4 steps and every epoch.
     sections = {"model": {"args": {"hidden": 32, "dropout": 0.3}},
                 "train": {"epochs": 4, "num_workers": 2, "grad_accum_steps": 2, "batch_size": 64},
                 "checkpoint": {"every_epochs": 1, "every_steps": 4, "keep_last": 1}}
@@ -176,121 +68,57 @@ def test_resume_with_workers_dropout_and_accumulation(tmp_path: pathlib.Path, cr
     with pytest.raises(Crash):
         Trainer(config, callbacks=[crash]).run()
     torch.manual_seed(12345)  # the crashed process's RNG is elsewhere now: resume must restore it
-    resumed = Trainer(config)
-    resumed.run(resume="latest")
+    resumed, at = resume(config)
+    assert at == resumed_at
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
     assert resumed.run_history.state_dict() == reference.run_history.state_dict()
 
 
-# ---- bad checkpoints --------------------------------------------------------------------------------
+class HookLog(Callback):
+    """Every phase enter/exit, in order."""
 
-@pytest.fixture
-def crashed_run(tmp_path: pathlib.Path) -> pathlib.Path:
-    """A run stopped at step 12 with checkpoints at steps 4, 8 and 12 (all kept)."""
+    def __init__(self, phases: tuple[str, ...] = ("setup", "train_epoch", "eval_epoch", "checkpoint")) -> None:
+        self.events: list[str] = []
+        for phase in phases:
+            setattr(self, f"on_enter_{phase}", lambda trainer, p=phase: self.events.append(f"enter {p}"))
+            setattr(self, f"on_exit_{phase}", lambda trainer, p=phase: self.events.append(f"exit {p}"))
+        self.on_enter_done = lambda trainer: self.events.append("enter done")
+
+
+@pytest.mark.parametrize(("crash", "first"), [(CrashAt(step=50), "train_epoch"), (CrashAt(epoch_start=2), "checkpoint")],
+                         ids=["inside-a-phase", "after-a-completed-phase"])
+def test_a_resumed_run_re_enters_its_phase_so_enter_and_exit_hooks_pair_up(tmp_path: pathlib.Path, crash: CrashAt,
+                                                                           first: str) -> None:
     config = digits_config(tmp_path / "run", train={"epochs": 2},
-                           checkpoint={"every_steps": 4, "keep_last": 5, "every_epochs": 0})
+                           checkpoint={"every_epochs": 1, "every_steps": 45, "keep_last": 1})
     with pytest.raises(Crash):
-        Trainer(config, callbacks=[CrashAt(step=13)]).run()
-    return tmp_path / "run"
+        Trainer(config, callbacks=[crash]).run()
+    log = HookLog()
+    Trainer(config, callbacks=[log]).run(resume="latest")
+    assert log.events[:2] == [f"enter {first}", f"exit {first}"]
+    entered: list[str] = []
+    for event in log.events:  # every exit follows its own enter, in this process
+        kind, phase = event.split()
+        if kind == "enter":
+            entered.append(phase)
+        else:
+            assert entered and entered.pop() == phase, log.events
+    assert log.events[-1] == "enter done"
 
 
-def checkpoint_at(run_dir: pathlib.Path, step: int) -> pathlib.Path:
-    return next((run_dir / "checkpoints").glob(f"epoch*-step{step:07d}-*"))
-
-
-def test_corrupted_latest_falls_back_to_the_newest_intact_one(crashed_run: pathlib.Path) -> None:
-    weights_file = checkpoint_at(crashed_run, 12) / "model.safetensors"
-    data = bytearray(weights_file.read_bytes())
-    data[-10] ^= 0xFF
-    weights_file.write_bytes(bytes(data))
-    config = digits_config(crashed_run, train={"epochs": 2},
-                           checkpoint={"every_steps": 4, "keep_last": 5, "every_epochs": 0})
-    trainer = Trainer(config)
-    with pytest.raises(CheckpointError, match=r"model.safetensors does not match its checksum \(corrupted\)"):
-        trainer.run(resume=checkpoint_at(crashed_run, 12))
-    with pytest.warns(UserWarning, match="resuming from epoch001-step0000008-train_epoch, the newest intact"):
-        trainer.checkpoints.load(trainer.checkpoints.find("latest"))
-    assert trainer.state.optimizer_step == 8
-
-
-def test_resuming_with_a_changed_config_warns_which_keys_differ(crashed_run: pathlib.Path) -> None:
-    config = digits_config(crashed_run, train={"epochs": 2, "batch_size": 16},
-                           checkpoint={"every_steps": 4, "keep_last": 5, "every_epochs": 0})
-    trainer = Trainer(config)
-    with pytest.warns(UserWarning, match=r"differs from the checkpoint's in \['train.batch_size'\]"):
-        trainer.checkpoints.load(trainer.checkpoints.find("latest"))
-
-
-def test_truncated_checkpoint_is_named(crashed_run: pathlib.Path) -> None:
-    optimizer_file = checkpoint_at(crashed_run, 12) / "optimizer.pt"
-    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
-    trainer = Trainer(digits_config(crashed_run))
-    with pytest.raises(CheckpointError, match=r"optimizer.pt is 100 bytes, manifest says \d+ \(truncated"):
-        trainer.checkpoints.find(checkpoint_at(crashed_run, 12))
-
-
-def test_checkpoint_of_another_model_is_refused_with_the_mismatching_keys(crashed_run: pathlib.Path) -> None:
-    trainer = Trainer(digits_config(crashed_run, model={"args": {"hidden": 48}}))
-    with pytest.raises(CheckpointError, match=r"does not match the configured model Sequential: shape mismatches "
-                                              r"\[0.bias: checkpoint \(64,\) vs model \(48,\); "
-                                              r"0.weight: checkpoint \(64, 64\) vs model \(48, 64\)"):
-        trainer.run(resume="latest")
-
-
-class Exploit:
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (pathlib.Path.touch, (pathlib.Path(os.environ["EXPLOIT_MARKER"]),))
-
-
-def test_a_pickle_with_code_in_it_is_not_executed(crashed_run: pathlib.Path, tmp_path: pathlib.Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    marker = tmp_path / "pwned"
-    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
-    checkpoint = checkpoint_at(crashed_run, 12)
-    torch.save({"state": {}, "param_groups": [], "payload": Exploit()}, checkpoint / "optimizer.pt")
-    # Re-sign the manifest so the checksum passes: the loader itself must refuse the code.
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    from phasetrain.checkpoint import _crc32
-    manifest["files"]["optimizer.pt"] = {"crc32": _crc32(checkpoint / "optimizer.pt"),
-                                         "size": (checkpoint / "optimizer.pt").stat().st_size}
-    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
-    trainer = Trainer(digits_config(crashed_run))
-    with pytest.raises(CheckpointError, match="cannot load .*optimizer.pt as plain tensors and data"):
-        trainer.run(resume=checkpoint)
-    assert not marker.exists()
-
-
-def test_resuming_a_finished_run_says_so_and_does_nothing(tmp_path: pathlib.Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    config = digits_config(tmp_path / "run", train={"epochs": 1}, checkpoint={"every_epochs": 1})
-    Trainer(config).run()
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
-    Trainer(config).run(resume="latest")
-    assert "is finished" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
-
-
-def test_retention_keeps_the_newest_and_the_best(tmp_path: pathlib.Path) -> None:
-    config = digits_config(tmp_path / "run", train={"epochs": 5},
-                           checkpoint={"every_epochs": 1, "keep_last": 2, "keep_best": 1, "monitor": "eval/loss"})
-    trainer = Trainer(config)
-    history = trainer.run()
-    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
-    losses = history.get_metric_values("eval/loss")
-    best_epoch = losses.index(min(losses)) + 1
-    steps = trainer.steps_per_epoch
-    expected = {f"epoch{e:03d}-step{e * steps:07d}-checkpoint" for e in (4, 5, best_epoch)}
-    assert set(kept) == expected
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"epoch005-step{5 * steps:07d}-checkpoint"
-
-
-def test_phasetrain_resume_cli_continues_from_the_run_folder(crashed_run: pathlib.Path) -> None:
-    shutil.rmtree(checkpoint_at(crashed_run, 12))  # latest now points at nothing: falls back with a warning
-    result = subprocess.run([sys.executable, "-m", "phasetrain.cli", "resume", str(crashed_run)],
-                            check=False, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert "newest intact checkpoint" in result.stderr
-    assert (crashed_run / "model.safetensors").is_file()
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_is_exact_with_random_augmentation_in_workers(tmp_path: pathlib.Path, workers: int) -> None:
+    train = Augmented(digits()["train"])
+    sections = {"data": None, "train": {"epochs": 2, "num_workers": workers},
+                "checkpoint": {"every_epochs": 0, "every_steps": 7, "keep_last": 1}}
+    reference = Trainer(digits_config(tmp_path / "a", **sections), train_data=train)
+    reference.run()
+    config = digits_config(tmp_path / "b", **sections)
+    with pytest.raises(Crash):
+        Trainer(config, train_data=train, callbacks=[CrashAt(step=17)]).run()
+    resumed, at = resume(config, train_data=train)
+    assert at == ("train_epoch", 1, 14, True)
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
 
 
 class Augmented(torch.utils.data.Dataset):
@@ -311,33 +139,18 @@ class Augmented(torch.utils.data.Dataset):
         return pixels + noise, label
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_mid_epoch_resume_is_exact_with_random_augmentation_in_workers(tmp_path: pathlib.Path, workers: int) -> None:
-    from tests.conftest import digits
-    data = digits()
-    train = Augmented(data["train"])
-    sections = {"data": None, "train": {"epochs": 2, "num_workers": workers},
-                "checkpoint": {"every_epochs": 0, "every_steps": 7, "keep_last": 1}}
-    reference = Trainer(digits_config(tmp_path / "a", **sections), train_data=train)
-    reference.run()
-    config = digits_config(tmp_path / "b", **sections)
-    with pytest.raises(Crash):
-        Trainer(config, train_data=train, callbacks=[CrashAt(step=17)]).run()  # resumes from step 14
-    resumed = Trainer(config, train_data=train)
-    resumed.run(resume="latest")
-    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
-
-
-@pytest.mark.parametrize(("log_every", "every_steps", "crash_step"), [(10, 4, 17), (5, 3, 7)])
+@pytest.mark.parametrize(("log_every", "every_steps", "crash_step", "resumed_step"), [(10, 4, 17, 16), (5, 3, 7, 6)])
 def test_metrics_file_after_a_resume_equals_the_uninterrupted_one(tmp_path: pathlib.Path, log_every: int,
-                                                                  every_steps: int, crash_step: int) -> None:
+                                                                  every_steps: int, crash_step: int,
+                                                                  resumed_step: int) -> None:
     sections = {"train": {"epochs": 2, "log_every_steps": log_every},
                 "checkpoint": {"every_epochs": 0, "every_steps": every_steps, "keep_last": 1}}
     Trainer(digits_config(tmp_path / "a", **sections)).run()
     config = digits_config(tmp_path / "b", **sections)
     with pytest.raises(Crash):
         Trainer(config, callbacks=[CrashAt(step=crash_step)]).run()
-    Trainer(config).run(resume="latest")
+    _, at = resume(config)
+    assert at == ("train_epoch", 1, resumed_step, True)
     assert (tmp_path / "b" / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
 
 
@@ -364,9 +177,127 @@ def test_resume_restores_which_parameters_a_phase_unfroze(tmp_path: pathlib.Path
     reference.run()
     with pytest.raises(Crash):
         trainer_for("b", CrashAt(step=55)).run()
-    resumed = trainer_for("b")
+    point = ResumePoint()
+    resumed = trainer_for("b", point)
     resumed.run(resume="latest")
+    assert point.at == ("train_epoch", 2, 50, True)
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+
+
+# ---- bad checkpoints --------------------------------------------------------------------------------
+
+@pytest.fixture
+def crashed_run(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A run stopped at step 12 with checkpoints at steps 4, 8 and 12 (all kept)."""
+    with pytest.raises(Crash):
+        Trainer(crashed_config(tmp_path / "run"), callbacks=[CrashAt(step=13)]).run()
+    return tmp_path / "run"
+
+
+def crashed_config(run_dir: pathlib.Path, **sections: Any) -> Any:
+    defaults = {"train": {"epochs": 2}, "checkpoint": {"every_steps": 4, "keep_last": 5, "every_epochs": 0}}
+    return digits_config(run_dir, **{**defaults, **sections})
+
+
+def checkpoint_at(run_dir: pathlib.Path, step: int) -> pathlib.Path:
+    return next((run_dir / "checkpoints").glob(f"epoch*-step{step:07d}-*"))
+
+
+def test_corrupted_latest_falls_back_to_the_newest_intact_one(crashed_run: pathlib.Path) -> None:
+    weights_file = checkpoint_at(crashed_run, 12) / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-10] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match its checksum \(corrupted\)"):
+        Trainer(crashed_config(crashed_run)).run(resume=checkpoint_at(crashed_run, 12))
+    with pytest.warns(UserWarning, match="resuming from epoch001-step0000008-train_epoch, the newest intact"):
+        _, at = resume(crashed_config(crashed_run))
+    assert at == ("train_epoch", 1, 8, True)
+
+
+def test_truncated_checkpoint_is_named(crashed_run: pathlib.Path) -> None:
+    optimizer_file = checkpoint_at(crashed_run, 12) / "optimizer.pt"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"optimizer.pt is 100 bytes, manifest says \d+ \(truncated"):
+        Trainer(crashed_config(crashed_run)).run(resume=checkpoint_at(crashed_run, 12))
+
+
+def test_resuming_with_a_changed_config_warns_which_keys_differ(crashed_run: pathlib.Path) -> None:
+    with pytest.warns(UserWarning, match=r"differs from the checkpoint's in \['train.batch_size'\]"):
+        _, at = resume(crashed_config(crashed_run, train={"epochs": 2, "batch_size": 16}))
+    assert at == ("train_epoch", 1, 12, True)
+
+
+def test_checkpoint_of_another_model_is_refused_with_the_mismatching_keys(crashed_run: pathlib.Path) -> None:
+    trainer = Trainer(crashed_config(crashed_run, model={"args": {"hidden": 48}}))
+    with pytest.raises(CheckpointError, match=r"does not match the configured model Sequential: shape mismatches "
+                                              r"\[0.bias: checkpoint \(64,\) vs model \(48,\); "
+                                              r"0.weight: checkpoint \(64, 64\) vs model \(48, 64\)"):
+        trainer.run(resume="latest")
+
+
+def test_a_checkpoint_of_another_format_version_is_refused(crashed_run: pathlib.Path) -> None:
+    state_file = checkpoint_at(crashed_run, 12) / "state.json"
+    saved = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**saved, "format_version": 1, "phasetrain_version": "0.0.9"}))
+    resign(checkpoint_at(crashed_run, 12), "state.json")
+    with pytest.raises(CheckpointError, match=r"has format 1 \(written by phasetrain 0.0.9\); phasetrain .* reads "
+                                              r"format 2: resume it with the phasetrain version that wrote it"):
+        Trainer(crashed_config(crashed_run)).run(resume=checkpoint_at(crashed_run, 12))
+
+
+def resign(checkpoint: pathlib.Path, name: str) -> None:
+    """Rewrite the manifest entry of ``name`` so the checksum passes (as someone who edits a file could)."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][name] = {"crc32": crc32(checkpoint / name), "size": (checkpoint / name).stat().st_size}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+class Exploit:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pathlib.Path.touch, (pathlib.Path(os.environ["EXPLOIT_MARKER"]),))
+
+
+def test_a_pickle_with_code_in_it_is_not_executed(crashed_run: pathlib.Path, tmp_path: pathlib.Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    checkpoint = checkpoint_at(crashed_run, 12)
+    torch.save({"state": {}, "param_groups": [], "payload": Exploit()}, checkpoint / "optimizer.pt")
+    resign(checkpoint, "optimizer.pt")  # the checksum passes: the loader itself must refuse the code
+    with pytest.raises(CheckpointError, match="cannot load .*optimizer.pt as plain tensors and data"):
+        Trainer(crashed_config(crashed_run)).run(resume=checkpoint)
+    assert not marker.exists()
+
+
+def test_resuming_a_finished_run_says_so_and_does_nothing(tmp_path: pathlib.Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 1}, checkpoint={"every_epochs": 1})
+    Trainer(config).run()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    Trainer(config).run(resume="latest")
+    assert "is finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_resume_before_the_first_checkpoint_warns_and_starts_over_in_the_same_folder(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 1}, checkpoint={"every_epochs": 1})
+    with pytest.raises(Crash):
+        Trainer(config, callbacks=[CrashAt(step=3)]).run()
+    with pytest.warns(UserWarning, match="no checkpoint in .* yet: starting the run from the beginning"):
+        _, at = resume(config)
+    assert at == ("setup", 0, 0, False)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_phasetrain_resume_cli_continues_from_the_run_folder(crashed_run: pathlib.Path) -> None:
+    shutil.rmtree(checkpoint_at(crashed_run, 12))  # latest now points at nothing: falls back with a warning
+    result = subprocess.run([sys.executable, "-m", "phasetrain.cli", "resume", str(crashed_run)],
+                            check=False, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "newest intact checkpoint" in result.stderr
+    assert f"resuming {crashed_run} from epoch001-step0000008-train_epoch: epoch 1, step 8" in result.stdout
+    assert (crashed_run / "model.safetensors").is_file()
 
 
 def test_an_epoch_checkpoint_is_not_rewritten_on_resume_and_an_aside_copy_still_counts(tmp_path: pathlib.Path) -> None:
@@ -377,27 +308,16 @@ def test_an_epoch_checkpoint_is_not_rewritten_on_resume_and_an_aside_copy_still_
     checkpoints = tmp_path / "run" / "checkpoints"
     (only,) = [p for p in checkpoints.iterdir() if p.is_dir()]
     # A crash between moving an old copy aside and renaming its replacement in leaves just the old copy.
-    only.rename(checkpoints / f".old-{only.name}")
-    trainer = Trainer(config)
-    with pytest.warns(UserWarning, match="newest intact"):
-        found = trainer.checkpoints.find("latest")
-    assert found.name == f".old-{only.name}"
-    (checkpoints / f".old-{only.name}").rename(only)
+    shutil.copytree(tmp_path / "run", tmp_path / "aside")
+    (tmp_path / "aside" / "checkpoints" / only.name).rename(tmp_path / "aside" / "checkpoints" / f".old-{only.name}")
+    with pytest.warns(UserWarning, match=f"resuming from .old-{only.name}, the newest intact"):
+        _, at = resume(digits_config(tmp_path / "aside", train={"epochs": 3},
+                                     checkpoint={"every_epochs": 1, "keep_last": 5, "keep_best": 0}))
+    assert at == ("checkpoint", 1, 40, True)
     written = (only / "manifest.json").stat().st_mtime_ns
-    Trainer(config).run(resume="latest")
+    _, at = resume(config)
+    assert at == ("checkpoint", 1, 40, True)
     assert (only / "manifest.json").stat().st_mtime_ns == written  # resumed after it, not through it again
-
-
-def test_keep_best_ranks_only_checkpoints_taken_right_after_an_evaluation(tmp_path: pathlib.Path) -> None:
-    config = digits_config(tmp_path / "run", train={"epochs": 3},
-                           checkpoint={"every_epochs": 1, "every_steps": 15, "keep_last": 1, "keep_best": 1,
-                                       "monitor": "eval/accuracy", "mode": "max"})
-    history = Trainer(config).run()
-    accuracies = history.get_metric_values("eval/accuracy")
-    best_epoch = accuracies.index(max(accuracies)) + 1
-    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
-    assert f"epoch{best_epoch:03d}-step{best_epoch * 40:07d}-checkpoint" in kept
-    assert len(kept) <= 2 and all(name.endswith("-checkpoint") or name == kept[-1] for name in kept)
 
 
 def test_checkpoint_inside_an_accumulation_group_is_refused(tmp_path: pathlib.Path) -> None:
@@ -406,5 +326,5 @@ def test_checkpoint_inside_an_accumulation_group_is_refused(tmp_path: pathlib.Pa
             trainer.save_checkpoint()
 
     config = digits_config(tmp_path / "run", train={"grad_accum_steps": 3})
-    with pytest.raises(CheckpointError, match=r"inside a gradient-accumulation group \(micro-step 1 of 3\)"):
+    with pytest.raises(CheckpointError, match=r"inside a gradient-accumulation group \(micro-step 1\)"):
         Trainer(config, callbacks=[SaveMidGroup()]).run()

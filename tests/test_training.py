@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchmetrics
 
+from examples.digits import make_model
 from phasetrain import Callback, EarlyStopping, RunConfig, Trainer
 from tests.conftest import PhaseRecorder, digits, digits_config
 
@@ -145,7 +146,7 @@ def test_metrics_file_and_history_record_every_epoch(tmp_path: pathlib.Path) -> 
         ("train_epoch", 1), ("eval_epoch", 1), ("train_epoch", 2), ("eval_epoch", 2),
         ("train_epoch", 3), ("eval_epoch", 3), ("done", 3)]
     step_rows = [r for r in rows if r["kind"] == "step"]
-    assert [r["step"] for r in step_rows] == list(range(10, 3 * trainer.steps_per_epoch + 1, 10))
+    assert [r["step"] for r in step_rows] == list(range(10, 3 * trainer.data.steps_per_epoch + 1, 10))
     assert history.get_metric_names() >= {"train/loss", "train/lr", "eval/loss", "eval/accuracy",
                                           "test/loss", "test/accuracy"}
     assert history.get_metric_values("eval/loss") == [r["eval/loss"] for r in epoch_rows if r["phase"] == "eval_epoch"]
@@ -212,9 +213,29 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path: pathlib.Path) -> 
     assert torch.allclose(final_weights(32, 1, "a"), final_weights(16, 2, "b"), atol=1e-5)
 
 
-def test_bf16_mixed_precision_trains(tmp_path: pathlib.Path) -> None:
-    config = digits_config(tmp_path / "run", train={"epochs": 3, "mixed_precision": "bf16"})
-    history = Trainer(config).run()
+class DtypeProbe(torch.nn.Module):
+    """The digits MLP, recording the dtype its layers compute in (autocast changes it, not the weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model(hidden=64)
+        self.seen: set[torch.dtype] = set()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        outputs = self.net(inputs)
+        self.seen.add(outputs.dtype)
+        return outputs
+
+
+@pytest.mark.parametrize(("precision", "computed_in"), [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_mixed_precision_really_computes_in_that_precision(tmp_path: pathlib.Path, precision: str,
+                                                          computed_in: torch.dtype) -> None:
+    config = digits_config(tmp_path / "run", model=None, train={"epochs": 3, "mixed_precision": precision})
+    torch.manual_seed(0)
+    probe = DtypeProbe()
+    history = Trainer(config, model=probe).run()
+    assert probe.seen == {computed_in}  # train, eval and test forwards alike
+    assert probe.net[0].weight.dtype == torch.float32  # the weights stay in full precision
     assert history.get_latest_metric("eval/accuracy") > 0.8
 
 
@@ -301,18 +322,31 @@ def test_evaluate_from_a_callback_leaves_the_model_training(tmp_path: pathlib.Pa
     assert seen == [True]
 
 
-def test_a_subclass_of_a_default_callback_replaces_it_at_construction_and_in_add_callback(config: RunConfig) -> None:
+def test_a_subclass_of_a_default_callback_replaces_it_at_construction_and_in_add_callback(
+        tmp_path: pathlib.Path) -> None:
     from phasetrain import MetricsFile, ProgressBar
 
     class MyMetricsFile(MetricsFile):
         pass
 
     class MyBar(ProgressBar):
-        pass
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs_opened = 0
 
+        def on_enter_train_epoch(self, trainer: Trainer) -> None:
+            self.epochs_opened += 1
+            super().on_enter_train_epoch(trainer)
+
+    config = digits_config(tmp_path / "run", train={"epochs": 2, "progress_bar": True})
     trainer = Trainer(config, callbacks=[MyMetricsFile()])
-    trainer.add_callback(MyBar())
+    assert sum(isinstance(cb, ProgressBar) for cb in trainer.callbacks) == 1  # the default bar is there
+    bar = MyBar()
+    trainer.add_callback(bar)
     kinds = [type(cb) for cb in trainer.callbacks]
     assert MyMetricsFile in kinds and MyBar in kinds
     assert MetricsFile not in kinds and ProgressBar not in kinds
     assert sum(isinstance(cb, MetricsFile) for cb in trainer.callbacks) == 1
+    assert sum(isinstance(cb, ProgressBar) for cb in trainer.callbacks) == 1
+    trainer.run()
+    assert bar.epochs_opened == 2

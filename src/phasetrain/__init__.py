@@ -1,27 +1,30 @@
-"""phasetrain: train PyTorch models with a loop that is an explicit, resumable phase graph."""
+"""phasetrain: train PyTorch models with a loop that is an explicit, resumable phase graph.
+
+The names below are imported on first use, so ``import phasetrain`` (and ``phasetrain plan`` or
+``phasetrain --help``) do not pay for torch, accelerate or the trainer until something needs them.
+"""
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from phasetrain.callbacks import Callback, ConsoleSummary, EarlyStopping, HistoryRecorder, MetricsFile, ProgressBar
-from phasetrain.checkpoint import RunInterrupted
-from phasetrain.conditions import Condition, every_n_epochs, every_n_steps, on_epoch, on_last_epoch
-from phasetrain.config import CheckpointConfig, ImportSpec, RunConfig, TrainConfig
-from phasetrain.errors import (
-    CallbackError,
-    CheckpointError,
-    ConfigError,
-    DataError,
-    GraphError,
-    PhasetrainError,
-    RunDirError,
-)
-from phasetrain.graph import PhaseGraph
-from phasetrain.history import RunHistory
-from phasetrain.phases import Phase, TestPhase
-from phasetrain.state import RunState
-from phasetrain.trainer import Trainer
-
+_EXPORTS = {
+    "phasetrain.callbacks": ("Callback", "ConsoleSummary", "EarlyStopping", "HistoryRecorder", "MetricsFile",
+                             "ProgressBar"),
+    "phasetrain.conditions": ("Condition", "every_n_epochs", "every_n_steps", "on_epoch", "on_last_epoch"),
+    "phasetrain.config": ("CheckpointConfig", "ImportSpec", "RunConfig", "TrainConfig"),
+    "phasetrain.errors": ("CallbackError", "CheckpointError", "ConfigError", "DataError", "GraphError",
+                          "PhasetrainError", "RunDirError"),
+    "phasetrain.graph": ("PhaseGraph",),
+    "phasetrain.history": ("RunHistory",),
+    "phasetrain.phases": ("Phase", "TestPhase"),
+    "phasetrain.signals": ("RunInterrupted",),
+    "phasetrain.state": ("RunState",),
+    "phasetrain.trainer": ("Trainer",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "Callback", "CallbackError", "CheckpointConfig", "CheckpointError", "Condition", "ConfigError",
     "ConsoleSummary", "DataError", "EarlyStopping", "GraphError", "HistoryRecorder", "ImportSpec", "MetricsFile",
@@ -29,3 +32,43 @@ __all__ = [
     "RunInterrupted", "RunState", "TestPhase", "TrainConfig", "Trainer", "__version__", "every_n_epochs",
     "every_n_steps", "on_epoch", "on_last_epoch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'phasetrain' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from phasetrain.callbacks import (
+        Callback,
+        ConsoleSummary,
+        EarlyStopping,
+        HistoryRecorder,
+        MetricsFile,
+        ProgressBar,
+    )
+    from phasetrain.conditions import Condition, every_n_epochs, every_n_steps, on_epoch, on_last_epoch
+    from phasetrain.config import CheckpointConfig, ImportSpec, RunConfig, TrainConfig
+    from phasetrain.errors import (
+        CallbackError,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        GraphError,
+        PhasetrainError,
+        RunDirError,
+    )
+    from phasetrain.graph import PhaseGraph
+    from phasetrain.history import RunHistory
+    from phasetrain.phases import Phase, TestPhase
+    from phasetrain.signals import RunInterrupted
+    from phasetrain.state import RunState
+    from phasetrain.trainer import Trainer

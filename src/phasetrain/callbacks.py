@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,41 +55,60 @@ class Callback:
 
 
 class CallbackList:
-    """Validates callbacks against the hook names and dispatches hooks to those that define them."""
+    """Callbacks in firing order, checked against the hook names of a graph's phases, dispatched per hook."""
 
     def __init__(self, callbacks: Iterable[Callback], phases: Iterable[str]) -> None:
         self.callbacks = list(callbacks)
-        self.phases = list(phases)
+        phases = list(phases)
         # `done` is final: it is entered, never exited.
-        self.hook_names = set(RUN_HOOKS) | {f"on_enter_{p}" for p in self.phases} | {
-            f"on_exit_{p}" for p in self.phases if p != "done"}
+        hook_names = set(RUN_HOOKS) | {f"on_enter_{p}" for p in phases} | {f"on_exit_{p}" for p in phases if p != "done"}
         for callback in self.callbacks:
-            self._check(callback)
+            _check(callback, hook_names, phases)
         # Precompute the bound methods per hook: dispatch in the batch loop is one dict lookup.
         self._hooks: dict[str, list[Callable[..., Any]]] = {
             name: [getattr(cb, name) for cb in self.callbacks if callable(getattr(cb, name, None))]
-            for name in self.hook_names
+            for name in hook_names
         }
-
-    def _check(self, callback: Callback) -> None:
-        if not isinstance(callback, Callback):
-            raise CallbackError(f"{callback!r} is a {type(callback).__name__}: callbacks must subclass phasetrain.Callback")
-        unknown = sorted(n for n in dir(callback) if n.startswith("on_") and n not in self.hook_names)
-        if unknown:
-            raise CallbackError(
-                f"{type(callback).__name__} defines {', '.join(unknown)}, which match no hook. Phase hooks are "
-                f"on_enter_<phase>/on_exit_<phase> for the phases {', '.join(self.phases)} (done has no exit); "
-                f"other hooks: {', '.join(RUN_HOOKS)}")
-
-    def has(self, name: str) -> bool:
-        return bool(self._hooks.get(name))
 
     def fire(self, name: str, trainer: Trainer, *args: Any) -> None:
         for hook in self._hooks.get(name, ()):
             hook(trainer, *args)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Callback]:
         return iter(self.callbacks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"callbacks": [(type(cb).__name__, cb.state_dict()) for cb in self.callbacks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Give each callback the saved state of the same class, in order; warn about state left over."""
+        saved = [tuple(entry) for entry in state["callbacks"]]
+        for callback in self.callbacks:
+            match = next((entry for entry in saved if entry[0] == type(callback).__name__), None)
+            if match is not None:
+                saved.remove(match)
+                callback.load_state_dict(match[1])
+        leftover = [name for name, callback_state in saved if callback_state]
+        if leftover:
+            warnings.warn(f"the checkpoint holds state of callbacks this run does not have: {leftover}", stacklevel=4)
+
+
+def with_callbacks(current: list[Callback], added: list[Callback], defaults: list[Callback]) -> list[Callback]:
+    """``current`` then ``added``; an added callback of a default's class (or a subclass) replaces that default."""
+    default_types = {type(cb) for cb in defaults}
+    kept = [cb for cb in current if not (type(cb) in default_types and any(isinstance(new, type(cb)) for new in added))]
+    return kept + added
+
+
+def _check(callback: Callback, hook_names: set[str], phases: list[str]) -> None:
+    if not isinstance(callback, Callback):
+        raise CallbackError(f"{callback!r} is a {type(callback).__name__}: callbacks must subclass phasetrain.Callback")
+    unknown = sorted(n for n in dir(callback) if n.startswith("on_") and n not in hook_names)
+    if unknown:
+        raise CallbackError(
+            f"{type(callback).__name__} defines {', '.join(unknown)}, which match no hook. Phase hooks are "
+            f"on_enter_<phase>/on_exit_<phase> for the phases {', '.join(phases)} (done has no exit); "
+            f"other hooks: {', '.join(RUN_HOOKS)}")
 
 
 # ---- built-in callbacks ------------------------------------------------------------------------
@@ -99,20 +119,15 @@ class ProgressBar(Callback):
     def __init__(self) -> None:
         self._bar: tqdm | None = None
 
-    def _open(self, trainer: Trainer, total: int | None, initial: int, desc: str, leave: bool) -> None:
+    def _open(self, trainer: Trainer, total: int | None, initial: int, desc: str) -> None:
         if trainer.accelerator.is_local_main_process:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True, unit="step")
-
-    def on_run_start(self, trainer: Trainer) -> None:
-        state = trainer.state
-        if state.phase == "train_epoch" and not state.phase_complete:  # resumed mid-epoch
-            done = -(-state.batch_in_epoch // trainer.config.train.grad_accum_steps)
-            self._open(trainer, trainer.steps_per_epoch, done, f"epoch {state.epoch}/{state.epochs}", leave=False)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, unit="step")
 
     def on_enter_train_epoch(self, trainer: Trainer) -> None:
-        state = trainer.state
-        self._open(trainer, trainer.steps_per_epoch, 0, f"epoch {state.epoch}/{state.epochs}", leave=False)
+        state = trainer.state  # a resumed epoch is re-entered with its finished steps counted
+        self._open(trainer, trainer.data.steps_per_epoch, state.optimizer_step - state.epoch_start_step,
+                   f"epoch {state.epoch}/{state.epochs}")
 
     def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
         if self._bar is not None:
@@ -126,7 +141,7 @@ class ProgressBar(Callback):
         self._close()
 
     def on_enter_eval_epoch(self, trainer: Trainer) -> None:
-        self._open(trainer, trainer.eval_batches, 0, "eval", leave=False)
+        self._open(trainer, trainer.data.eval_batch_count(trainer.data.eval), 0, "eval")
 
     def on_eval_step_end(self, trainer: Trainer, batch_output: dict[str, Any]) -> None:
         if self._bar is not None:
@@ -148,12 +163,12 @@ class ConsoleSummary(Callback):
         if record["kind"] != "epoch" or not trainer.accelerator.is_main_process:
             return
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if "/" in k)
-        _write(f"epoch {record['epoch']}/{trainer.state.epochs} [{record['phase']}] {metrics}")
+        say(f"epoch {record['epoch']}/{trainer.state.epochs} [{record['phase']}] {metrics}")
 
     def on_run_end(self, trainer: Trainer) -> None:
         if trainer.accelerator.is_main_process:
-            run_dir = trainer.run_dir
-            _write(f"run folder: {run_dir}\n  weights: {run_dir / 'model.safetensors'}\n"
+            run_dir = trainer.run_folder.path
+            say(f"run folder: {run_dir}\n  weights: {run_dir / 'model.safetensors'}\n"
                    f"  metrics: {run_dir / 'metrics.jsonl'}\n  config:  {run_dir / 'config.yaml'}")
 
 
@@ -189,7 +204,7 @@ class MetricsFile(Callback):
 
     @staticmethod
     def path(trainer: Trainer) -> pathlib.Path:
-        return trainer.run_dir / "metrics.jsonl"
+        return trainer.run_folder.path / "metrics.jsonl"
 
     def state_dict(self) -> dict[str, Any]:
         return {"lines_written": self.lines_written}
@@ -217,7 +232,6 @@ class EarlyStopping(Callback):
             prefix = self.monitor.split("/")[0] + "/"
             if not self._warned and any(k.startswith(prefix) for k in record):  # a record it should be in
                 self._warned = True
-                import warnings
                 warnings.warn(f"EarlyStopping monitors {self.monitor!r}, which this run does not log; "
                               f"records have {sorted(k for k in record if '/' in k)}", stacklevel=2)
             return
@@ -238,11 +252,12 @@ class EarlyStopping(Callback):
         self.best, self.bad_evaluations = state["best"], int(state["bad_evaluations"])
 
 
-def default_callbacks() -> list[Callback]:
+def default_callbacks(progress_bar: bool = True) -> list[Callback]:
     """What every run gets unless the trainer's ``default_callbacks`` is overridden."""
-    return [HistoryRecorder(), MetricsFile(), ConsoleSummary(), ProgressBar()]
+    return [HistoryRecorder(), MetricsFile(), ConsoleSummary(), *([ProgressBar()] if progress_bar else [])]
 
 
-def _write(text: str) -> None:
+def say(text: str) -> None:
+    """A line on the console that does not break a progress bar."""
     from tqdm.auto import tqdm
     tqdm.write(text)

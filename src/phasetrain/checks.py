@@ -2,48 +2,34 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset
 
+from phasetrain.batches import unpack_batch
 from phasetrain.errors import DataError
-from phasetrain.phases import unpack_batch
 from phasetrain.rng import preserved_rng
 
-if TYPE_CHECKING:
-    from phasetrain.trainer import Trainer
 
+def check_model_fits_loss(model: torch.nn.Module, loss_fn: Any, batch: Any) -> None:
+    """Run a small batch of train samples through ``model`` and ``loss_fn`` (eval mode, no grad, RNG untouched).
 
-def check_model_fits_loss(trainer: Trainer) -> None:
-    """Run two train samples through model and loss (eval mode, no grad, RNG untouched).
-
-    A mismatch (wrong output width, wrong target type, non-scalar loss) stops the run with a message
-    naming the model, the loss and the shapes. When a loss step is overridden, that step is what runs,
-    so custom batch formats are checked by the user's own code.
+    A mismatch (wrong output width, wrong target type, non-scalar loss) raises a DataError naming the
+    model, the loss and the shapes.
     """
-    from phasetrain.trainer import Trainer
-    data = trainer.train_data
-    if isinstance(data, IterableDataset):
-        return
-    batch = trainer.to_device(torch.utils.data.default_collate([data[i] for i in range(min(2, len(data)))]))
-    cls = type(trainer)
-    if (cls.calculate_eval_batch_loss is not Trainer.calculate_eval_batch_loss
-            or cls.calculate_train_batch_loss is not Trainer.calculate_train_batch_loss):
-        _check_overridden_step(trainer, batch)
-        return
     inputs, targets = unpack_batch(batch)
-    model_name = type(trainer.accelerator.unwrap_model(trainer.model)).__name__
-    loss_name = getattr(trainer.loss_fn, "__name__", type(trainer.loss_fn).__name__)
-    with _dry_run(trainer.model):
+    unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    model_name = type(unwrapped).__name__
+    loss_name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    with dry_run(model):
         try:
-            outputs = trainer.model(inputs)
+            outputs = model(inputs)
         except Exception as exc:
             raise DataError(f"model {model_name} cannot run on a batch of train inputs {describe(inputs)}: "
                             f"{type(exc).__name__}: {exc}") from exc
         try:
-            loss = trainer.loss_fn(outputs, targets)
+            loss = loss_fn(outputs, targets)
         except Exception as exc:
             raise DataError(f"model output does not fit the loss: {model_name} gives {describe(outputs)}, "
                             f"targets are {describe(targets)}, and {loss_name} raised "
@@ -53,24 +39,35 @@ def check_model_fits_loss(trainer: Trainer) -> None:
                         "(use reduction='mean' or 'sum')")
 
 
-def _check_overridden_step(trainer: Trainer, batch: Any) -> None:
-    name = type(trainer).__name__
-    with _dry_run(trainer.model):
+def check_loss_step(step: Callable[[Any], Any], model: torch.nn.Module, batch: Any, owner: str) -> None:
+    """Run an overridden ``calculate_eval_batch_loss`` on a small batch: custom batch formats are checked
+    by the user's own code. ``owner`` names the trainer class in messages."""
+    with dry_run(model):
         try:
-            output = trainer.calculate_eval_batch_loss(batch)
+            output = step(batch)
         except Exception as exc:
-            raise DataError(f"{name}.calculate_eval_batch_loss failed on a batch of 2 train samples: "
+            raise DataError(f"{owner}.calculate_eval_batch_loss failed on a batch of 2 train samples: "
                             f"{type(exc).__name__}: {exc}") from exc
     loss = output.get("loss") if isinstance(output, dict) else None
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        raise DataError(f"{name}.calculate_eval_batch_loss must return a dict with a scalar 'loss' tensor, "
+        raise DataError(f"{owner}.calculate_eval_batch_loss must return a dict with a scalar 'loss' tensor, "
                         f"'model_outputs' and 'batch_size'; got {describe(output)}")
 
 
 @contextlib.contextmanager
-def _dry_run(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for a block, then back to the mode the model was in (a callback may evaluate mid-epoch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def dry_run(model: torch.nn.Module) -> Iterator[None]:
     """No gradients, eval mode (dropout draws nothing), and every RNG exactly as before afterwards."""
-    from phasetrain.trainer import eval_mode
     with preserved_rng(), torch.no_grad(), eval_mode(model):
         yield
 

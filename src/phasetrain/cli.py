@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     graph.add_argument("-o", "--output", type=pathlib.Path, help="write to this file instead of stdout")
     graph.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for run")
     plan = commands.add_parser("plan", help="print the phases a run will walk, without training",
-                               description="Print, epoch by epoch, the phases the run will walk and why.")
-    plan.add_argument("config", type=pathlib.Path, help="YAML or JSON run config")
+                               description="Print, epoch by epoch, the phases the run will walk and why. Builds "
+                                           "the data (for the step count), but no model, optimizer or Accelerator.")
+    plan.add_argument("source", type=pathlib.Path, help="a YAML/JSON config, or a run folder")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=6")
     args = parser.parse_args(argv)
     commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan}
@@ -70,12 +71,13 @@ def _graph(args: argparse.Namespace) -> int:
     from phasetrain import render
     from phasetrain.config import RunConfig, ensure_importable_cwd
     from phasetrain.errors import RunDirError
-    from phasetrain.phases import graph_from_config
+    from phasetrain.graph import FIRST, build_graph
+    from phasetrain.plan import saved_position
     ensure_importable_cwd()
     run_dir = args.source if args.source.is_dir() else None
     config = RunConfig.from_file(run_dir / "config.yaml" if run_dir else args.source, overrides=args.overrides)
-    graph = graph_from_config(config)  # no model or data needed to draw
-    highlight = _current_phase(run_dir) if run_dir else None
+    graph = build_graph(config)  # no model or data needed to draw
+    highlight = (saved_position(run_dir)[0] or FIRST) if run_dir else None
     fmt = args.format or (render.format_of(args.output) if args.output else "mermaid")
     if args.output:
         if not args.output.parent.is_dir():
@@ -91,30 +93,16 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
-def _current_phase(run_dir: pathlib.Path) -> str | None:
-    """The phase a run folder's run is in or stopped in: done if finished, else its latest checkpoint's."""
-    import json
-    if (run_dir / "model.safetensors").exists():
-        return "done"
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return "setup"
-    state_file = run_dir / "checkpoints" / pointer.read_text().strip() / "state.json"
-    return str(json.loads(state_file.read_text())["state"]["phase"]) if state_file.is_file() else None
-
-
 def _plan(args: argparse.Namespace) -> int:
-    from phasetrain.config import RunConfig, ensure_importable_cwd
-    from phasetrain.plan import format_plan
-    from phasetrain.trainer import Trainer
+    from phasetrain.config import ensure_importable_cwd
+    from phasetrain.plan import plan_source
     ensure_importable_cwd()
-    config = RunConfig.from_file(args.config, overrides=args.overrides)
-    print(format_plan(Trainer(config), str(args.config)))
+    print(plan_source(args.source, args.overrides))
     return 0
 
 
 def _interrupted() -> type[Exception]:
-    from phasetrain.checkpoint import RunInterrupted
+    from phasetrain.signals import RunInterrupted
     return RunInterrupted
 
 

@@ -1,6 +1,8 @@
-"""Build the run's components from import specs, letting objects passed to ``Trainer`` override them."""
+"""Build a run's parts from the config's import specs, letting objects passed to ``Trainer`` override them."""
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +21,23 @@ class Components:
     loss_fn: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    train_data: Any
-    eval_data: Any
-    test_data: Any
+    datasets: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     callbacks: list[Callback] = field(default_factory=list)
+
+
+def as_config(config: object) -> RunConfig:
+    """A RunConfig from a RunConfig, a config file path, a dict, or None (all defaults)."""
+    if config is None:
+        return RunConfig()
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, str | os.PathLike):
+        return RunConfig.from_file(pathlib.Path(config))
+    if isinstance(config, Mapping):
+        return RunConfig.from_dict(dict(config))
+    raise ConfigError(f"Trainer(config): expected a RunConfig, a config file path or a dict, "
+                      f"got {type(config).__name__}")
 
 
 def build_components(cfg: RunConfig, *, model: torch.nn.Module | None, loss_fn: Any,
@@ -37,12 +51,35 @@ def build_components(cfg: RunConfig, *, model: torch.nn.Module | None, loss_fn: 
         raise ConfigError(f"loss: expected a callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
     optimizer = _optimizer(cfg, model, optimizer)
     scheduler = cfg.scheduler.build(optimizer, what="scheduler") if cfg.scheduler else None
-    datasets = _datasets(cfg, train_data, eval_data)
     built_metrics = dict(metrics) if metrics is not None else {
         name: spec.build(what=f"metrics.{name}") for name, spec in cfg.metrics.items()}
+    for name, metric in built_metrics.items():
+        _check_metric(name, metric)
     callbacks = [_callback(spec, i) for i, spec in enumerate(cfg.callbacks)]
-    return Components(model, loss_fn, optimizer, scheduler, datasets["train"], datasets.get("eval"),
-                      datasets.get("test"), built_metrics, callbacks)
+    return Components(model, loss_fn, optimizer, scheduler, build_datasets(cfg, train_data, eval_data),
+                      built_metrics, callbacks)
+
+
+def build_datasets(cfg: RunConfig, train_data: Any = None, eval_data: Any = None) -> dict[str, Any]:
+    """``{"train": ..., "eval"?: ..., "test"?: ...}`` from the config's ``data`` and the datasets given, each checked once."""
+    datasets: dict[str, Any] = {}
+    if train_data is None or cfg.data is not None:  # the config's data may still bring eval/test splits
+        built = _build(cfg.data, "data", "Trainer(train_data=..., eval_data=...)")
+        if not isinstance(built, Mapping) or "train" not in built:
+            raise ConfigError(f"data: {cfg.data.target if cfg.data else ''} must return a dict with a 'train' "
+                              f"dataset (and optional 'eval', 'test'); got {type(built).__name__}"
+                              + (f" with keys {sorted(built)}" if isinstance(built, Mapping) else ""))
+        unknown = set(built) - {"train", "eval", "test"}
+        if unknown:
+            raise ConfigError(f"data: unexpected keys {sorted(unknown)}; expected 'train', 'eval', 'test'")
+        datasets.update({split: ds for split, ds in built.items() if ds is not None or split == "train"})
+    if train_data is not None:
+        datasets["train"] = train_data
+    if eval_data is not None:
+        datasets["eval"] = eval_data
+    for split, dataset in datasets.items():
+        check_dataset(dataset, f"{split} dataset")
+    return datasets
 
 
 def _build(spec: ImportSpec | None, name: str, alternative: str, *leading: Any) -> Any:
@@ -66,31 +103,16 @@ def _optimizer(cfg: RunConfig, model: torch.nn.Module, given: torch.optim.Optimi
     return optimizer
 
 
-def _datasets(cfg: RunConfig, train_data: Any, eval_data: Any) -> dict[str, Any]:
-    datasets: dict[str, Any] = {}
-    if train_data is None or cfg.data is not None:  # the config's data may still bring eval/test splits
-        built = _build(cfg.data, "data", "Trainer(train_data=..., eval_data=...)")
-        if not isinstance(built, Mapping) or "train" not in built:
-            raise ConfigError(f"data: {cfg.data.target if cfg.data else ''} must return a dict with a 'train' "
-                              f"dataset (and optional 'eval', 'test'); got {type(built).__name__}"
-                              + (f" with keys {sorted(built)}" if isinstance(built, Mapping) else ""))
-        unknown = set(built) - {"train", "eval", "test"}
-        if unknown:
-            raise ConfigError(f"data: unexpected keys {sorted(unknown)}; expected 'train', 'eval', 'test'")
-        datasets.update(built)
-    if train_data is not None:
-        datasets["train"] = train_data
-    if eval_data is not None:
-        datasets["eval"] = eval_data
-    for split in ("train", "eval", "test"):
-        if split in datasets and (split == "train" or datasets[split] is not None):
-            check_dataset(datasets[split], f"{split} dataset" if split != "train" else "train dataset")
-    return datasets
+def _check_metric(name: str, metric: Any) -> None:
+    missing = [m for m in ("update", "compute", "reset", "to") if not callable(getattr(metric, m, None))]
+    if missing:
+        raise ConfigError(f"metrics.{name}: a {type(metric).__name__} has no {', '.join(missing)}; expected a "
+                          "torchmetrics.Metric (e.g. torchmetrics.classification:MulticlassAccuracy)")
 
 
 def _callback(spec: ImportSpec, index: int) -> Callback:
     callback = spec.build(what=f"callbacks[{index}]")
     if not isinstance(callback, Callback):
         raise CallbackError(f"callbacks[{index}]: {spec.target} built a {type(callback).__name__}, "
-                        "expected a phasetrain.Callback")
+                            "expected a phasetrain.Callback")
     return callback

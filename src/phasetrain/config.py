@@ -75,13 +75,22 @@ class SchedulerSpec(ImportSpec):
 
 
 class PhaseSpec(ImportSpec):
-    """A custom phase: ``target`` builds a ``phasetrain.Phase``, inserted ``after`` a phase of the graph,
-    entered ``when`` a condition holds (``{every_n_epochs: 2}``, ``{all: [...]}``, ...), then on to
-    what followed ``after`` (or to ``then``)."""
+    """A custom phase: ``target`` builds a ``phasetrain.Phase``, inserted ``after`` a phase of the graph
+    (default ``eval_epoch``), entered ``when`` a condition holds (``{every_n_epochs: 2}``, ``{all: [...]}``,
+    ...), then on to what followed ``after`` (or to ``then``). With ``replace: <name>`` it takes the place
+    of that phase instead, keeping its edges."""
 
-    after: str = "eval_epoch"
+    after: str | None = None
     when: dict[str, Any] | None = None
     then: str | None = None
+    replace: str | None = Field(None, description="name of a phase this one replaces (its edges stay)")
+
+    @model_validator(mode="after")
+    def _replace_alone(self) -> PhaseSpec:
+        given = [key for key in ("after", "when", "then") if getattr(self, key) is not None]
+        if self.replace is not None and given:
+            raise ValueError(f"replace={self.replace!r} keeps the replaced phase's edges; remove {', '.join(given)}")
+        return self
 
 
 class TrainConfig(BaseModel):

@@ -20,6 +20,17 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from phasetrain.errors import DataError
 
 
+def shard_size(size: int, rank: int, world_size: int, pad: bool) -> int:
+    """Samples process ``rank`` gets of ``size``: every ``world_size``-th one, after padding when ``pad``."""
+    if world_size > 1 and pad and size % world_size:
+        size += world_size - size % world_size
+    return len(range(rank, size, world_size))
+
+
+def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
+    return samples // batch_size if drop_last else -(-samples // batch_size)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of one epoch's data order: depends on nothing but the run seed and the epoch number."""
     return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
@@ -43,15 +54,11 @@ class EpochBatchSampler:
             if pad and size % world_size:
                 order += order[: world_size - size % world_size]
             order = order[rank::world_size]
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
         base = epoch_seed(seed, epoch) * 1_000_003 + rank
-        self.batches = [Batch(order[i : i + batch_size], (base + n * 7_919) % (2**63 - 1))
-                        for n, i in enumerate(range(0, stop, batch_size))]
+        count = batch_count(len(order), batch_size, drop_last)
+        self.batches = [Batch(order[n * batch_size : (n + 1) * batch_size], (base + n * 7_919) % (2**63 - 1))
+                        for n in range(count)]
         self.skip = skip
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.batches[self.skip :])
@@ -110,7 +117,8 @@ def check_dataset(dataset: Any, name: str) -> None:
 
 def make_loader(dataset: Dataset[Any], sampler: EpochBatchSampler, *, num_workers: int, seed: int,
                 pin_memory: bool) -> DataLoader[Any]:
-    """A plain DataLoader over ``sampler``; its own generator keeps the global RNG untouched."""
+    """A plain DataLoader over ``sampler``; its own generator keeps the global RNG untouched (creating an
+    iterator draws a worker base seed from the loader's generator even with ``num_workers=0``)."""
     if num_workers > 0:
         dataset = WorkerSeeded(dataset)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,

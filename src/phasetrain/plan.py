@@ -1,20 +1,24 @@
 """``phasetrain plan``: the phases a run will walk, epoch by epoch, without training.
 
-The walk is the real graph's: from ``setup``, each edge's condition is evaluated against a simulated
-run state (the epoch and optimizer-step counters a real run would have), so evaluations, checkpoints
-and custom phases show up exactly when they will happen. Stops requested at run time (early stopping,
-a phase calling ``request_stop``) cannot be foreseen and are not assumed.
+The walk is the real one: the run's own ``PhaseMachine`` is driven with a simulated ``RunState`` whose
+optimizer step advances by the epoch's step count each time ``train_epoch`` runs, so evaluations,
+checkpoints and custom phases show up exactly when they will happen. Only the data is built (for the
+step count); no model, optimizer or Accelerator. Stops requested at run time (early stopping, a phase
+calling ``request_stop``) cannot be foreseen and are not assumed.
 """
 from __future__ import annotations
 
+import json
+import pathlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from phasetrain.batches import RunData
+from phasetrain.config import RunConfig
 from phasetrain.errors import GraphError
+from phasetrain.graph import EPOCH, FIRST, LAST, Edge, build_graph
+from phasetrain.machine import PhaseMachine
+from phasetrain.render import edge_label
 from phasetrain.state import RunState
-
-if TYPE_CHECKING:
-    from phasetrain.trainer import Trainer
 
 
 @dataclass
@@ -25,45 +29,74 @@ class PlannedEpoch:
     phases: list[tuple[str, str]] = field(default_factory=list)  # (phase, label of the edge into it)
 
 
-def plan(trainer: Trainer) -> list[PlannedEpoch]:
-    """Simulate the walk from ``setup`` to ``done``; one entry per epoch (epoch 0 holds ``setup``)."""
-    real_state = trainer.state
-    steps_per_epoch = trainer.steps_per_epoch
-    trainer.state = RunState(epochs=real_state.epochs)
+def plan(machine: PhaseMachine, epochs: int, steps_per_epoch: int | None) -> list[PlannedEpoch]:
+    """Walk ``machine`` from setup to done over a simulated run; one entry per epoch (epoch 0 holds setup)."""
+    state = RunState(epochs=epochs)
+    walk = [PlannedEpoch(0, 0, 0, [(FIRST, "")])]
+
+    def entered(phase: str, edge: Edge | None) -> None:
+        if phase == EPOCH:
+            walk.append(PlannedEpoch(state.epoch, state.optimizer_step + 1, state.optimizer_step + (steps_per_epoch or 0)))
+        walk[-1].phases.append((phase, edge_label(machine.graph, edge) if edge else ""))
+
+    walker = machine.walker(state, entered, lambda phase: None)
     try:
-        epochs = [PlannedEpoch(0, 0, 0, [("setup", "")])]
-        phase = "setup"
         for _ in range(100_000):  # a valid graph reaches done; this only guards a broken condition
-            edge = trainer.graph.next_edge(phase, trainer)
-            if edge is None:
-                raise GraphError(f"plan: no edge out of {phase!r} can be taken")
-            phase = edge.dest
-            if phase == "train_epoch":
-                state = trainer.state
-                state.epoch += 1
-                first = state.optimizer_step + 1
-                state.epoch_start_step = state.optimizer_step
-                state.optimizer_step += steps_per_epoch or 0
-                epochs.append(PlannedEpoch(state.epoch, first, state.optimizer_step))
-            epochs[-1].phases.append((phase, trainer.graph.edge_label(edge)))
-            if phase == "done":
-                return epochs
+            if state.phase == LAST:
+                return walk
+            if state.phase == EPOCH:
+                state.optimizer_step += steps_per_epoch or 0  # what running the epoch does to the counters
+            walker.next_phase()
         raise GraphError("plan: the walk did not reach done")
     finally:
-        trainer.state = real_state
+        machine.release(walker)
 
 
-def format_plan(trainer: Trainer, source: str) -> str:
-    epochs = plan(trainer)
-    steps = trainer.steps_per_epoch
-    lines = [(f"plan for {source}: {trainer.state.epochs} epochs, "
-             f"{steps if steps is not None else 'an unknown number of'} optimizer steps per epoch "
-             "(stops requested at run time, such as early stopping, are not assumed)")]
-    for planned in epochs:
-        walk = " -> ".join(f"{name} [{label}]" if label and label != "else" else name for name, label in planned.phases)
+def plan_source(source: pathlib.Path, overrides: list[str]) -> str:
+    """The plan of a config file, or of a run folder's ``config.yaml`` (with where that run stopped)."""
+    from phasetrain.components import build_datasets
+    run_dir = source if source.is_dir() else None
+    config = RunConfig.from_file(run_dir / "config.yaml" if run_dir else source, overrides=overrides)
+    data = RunData(build_datasets(config), config.train, config.seed) if config.data is not None else None
+    machine = PhaseMachine(build_graph(config, has_eval_data=data is None or data.eval is not None))
+    steps = data.steps_per_epoch if data is not None else None
+    text = format_plan(plan(machine, config.train.epochs, steps), str(source), config.train.epochs, steps)
+    return text + ("\n" + run_position(run_dir) if run_dir else "")
+
+
+def format_plan(walk: list[PlannedEpoch], source: str, epochs: int, steps: int | None) -> str:
+    lines = [(f"plan for {source}: {epochs} epochs, "
+              f"{steps if steps is not None else 'an unknown number of'} optimizer steps per epoch on one process "
+              "(stops requested at run time, such as early stopping, are not assumed)")]
+    for planned in walk:
+        phases = " -> ".join(f"{name} [{label}]" if label and label != "else" else name
+                             for name, label in planned.phases)
         if planned.epoch == 0:
-            lines.append(f"  start:    {walk}")
+            lines.append(f"  start:    {phases}")
         else:
             span = f" (steps {planned.first_step}-{planned.last_step})" if steps else ""
-            lines.append(f"  epoch {planned.epoch}{span}: {walk}")
+            lines.append(f"  epoch {planned.epoch}{span}: {phases}")
     return "\n".join(lines)
+
+
+def run_position(run_dir: pathlib.Path) -> str:
+    """Where a run folder's run is: finished, not started, or the phase, epoch and step of its latest checkpoint."""
+    phase, epoch, step = saved_position(run_dir)
+    if phase == LAST:
+        return f"{run_dir}: finished"
+    if phase is None:
+        return f"{run_dir}: no checkpoint yet; 'phasetrain resume {run_dir}' starts it from the beginning"
+    return (f"{run_dir}: latest checkpoint in {phase} of epoch {epoch}, after step {step}; "
+            f"'phasetrain resume {run_dir}' continues from there")
+
+
+def saved_position(run_dir: pathlib.Path) -> tuple[str | None, int, int]:
+    """(phase, epoch, optimizer step) a run folder's run is in: done when finished, else its latest checkpoint's."""
+    if (run_dir / "model.safetensors").exists():
+        return LAST, 0, 0
+    pointer = run_dir / "checkpoints" / "latest"
+    state_file = run_dir / "checkpoints" / pointer.read_text().strip() / "state.json" if pointer.is_file() else None
+    if state_file is None or not state_file.is_file():
+        return None, 0, 0
+    state = json.loads(state_file.read_text())["state"]
+    return str(state["phase"]), int(state["epoch"]), int(state["optimizer_step"])

@@ -1,4 +1,4 @@
-"""Render the phase graph: Mermaid and DOT text need nothing; SVG and PNG need Graphviz's ``dot`` program."""
+"""Draw the phase graph: Mermaid and DOT text need nothing; SVG and PNG need Graphviz's ``dot`` program."""
 from __future__ import annotations
 
 import pathlib
@@ -6,31 +6,31 @@ import shutil
 import subprocess
 
 from phasetrain.errors import PhasetrainError
-from phasetrain.graph import PhaseGraph
+from phasetrain.graph import FIRST, LAST, Edge, PhaseGraph
 from phasetrain.run_folder import atomic_path
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 SUFFIXES = {".mmd": "mermaid", ".mermaid": "mermaid", ".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
+BUILT_IN = ("setup", "train_epoch", "eval_epoch", "checkpoint", "done")
 
 
 class RenderError(PhasetrainError):
     """A diagram cannot be produced (unknown format, or Graphviz's ``dot`` is missing)."""
 
 
-def render(graph: PhaseGraph, fmt: str, highlight: str | None = None) -> str | bytes:
-    """Text for ``mermaid``/``dot``, image bytes for ``svg``/``png``."""
+def render(graph: PhaseGraph, fmt: str = "mermaid", highlight: str | None = None) -> str | bytes:
+    """Text for ``mermaid``/``dot``, image bytes for ``svg``/``png``; ``highlight`` marks one phase."""
     if fmt not in FORMATS:
         raise RenderError(f"unknown diagram format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     if fmt == "mermaid":
-        return graph.to_mermaid(highlight)
-    dot_text = graph.to_dot(highlight)
+        return to_mermaid(graph, highlight)
+    dot_text = to_dot(graph, highlight)
     return dot_text if fmt == "dot" else run_dot(dot_text, fmt)
 
 
 def write(graph: PhaseGraph, path: pathlib.Path, fmt: str | None = None, highlight: str | None = None) -> pathlib.Path:
     """Write the diagram to ``path``; the format comes from ``fmt`` or the file suffix."""
-    fmt = fmt or format_of(path)
-    content = render(graph, fmt, highlight)
+    content = render(graph, fmt or format_of(path), highlight)
     with atomic_path(path) as tmp:
         tmp.write_bytes(content.encode() if isinstance(content, str) else content)
     return path
@@ -41,6 +41,45 @@ def format_of(path: pathlib.Path) -> str:
         raise RenderError(f"cannot tell the diagram format from {path.name!r}; use one of the suffixes "
                           f"{', '.join(SUFFIXES)} or pass format=")
     return SUFFIXES[path.suffix.lower()]
+
+
+def edge_label(graph: PhaseGraph, edge: Edge) -> str:
+    """The condition's label; an unconditional edge after conditional ones is the 'else' branch."""
+    if edge.condition is not None:
+        return edge.condition.label
+    return "else" if len(graph.edges_from(edge.source)) > 1 else ""
+
+
+def to_mermaid(graph: PhaseGraph, highlight: str | None = None) -> str:
+    """Mermaid ``stateDiagram-v2`` text."""
+    lines = ["stateDiagram-v2", f"    [*] --> {FIRST}"]
+    for edge in graph.edges:
+        label = edge_label(graph, edge)
+        lines.append(f"    {edge.source} --> {edge.dest}" + (f": {label}" if label else ""))
+    lines.append(f"    {LAST} --> [*]")
+    if highlight:
+        lines += ["    classDef current fill:#ffcc80,stroke:#e65100,stroke-width:3px", f"    class {highlight} current"]
+    return "\n".join(lines) + "\n"
+
+
+def to_dot(graph: PhaseGraph, highlight: str | None = None) -> str:
+    """Graphviz DOT text (needs no Graphviz to produce; ``dot`` turns it into SVG/PNG)."""
+    lines = ["digraph phases {", "    rankdir=LR;",
+             '    node [shape=box, style="rounded,filled", fillcolor="#e3f2fd", fontname="Helvetica"];',
+             '    edge [fontname="Helvetica", fontsize=10];',
+             "    __start__ [shape=point, width=0.15];", f"    __start__ -> {FIRST};"]
+    for name in graph.names:
+        attrs = ['fillcolor="#ffcc80"', "penwidth=3"] if name == highlight else []
+        if name == LAST:
+            attrs.append("peripheries=2")
+        if name not in BUILT_IN and name != highlight:
+            attrs.append('fillcolor="#e8f5e9"')
+        lines.append(f"    {name}" + (f" [{', '.join(attrs)}];" if attrs else ";"))
+    for edge in graph.edges:
+        label = edge_label(graph, edge)
+        lines.append(f"    {edge.source} -> {edge.dest}" + (f' [label="{label}"];' if label else ";"))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 def run_dot(dot_text: str, fmt: str) -> bytes:

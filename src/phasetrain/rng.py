@@ -38,3 +38,19 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         restore_rng(state)
+
+
+class ProcessRNG:
+    """This process's RNG streams as a checkpointable object: ``state_dict()`` captures them now as tensors
+    and plain data (loadable with ``weights_only=True``), ``load_state_dict()`` restores them."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = capture_rng()
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        return {**state, "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                                   "has_gauss": has_gauss, "cached": cached}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = state["numpy"]
+        restore_rng({**state, "numpy": (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                                        n["cached"])})

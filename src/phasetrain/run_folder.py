@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import torch
-
 from phasetrain.errors import RunDirError
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
 
     from phasetrain.config import RunConfig

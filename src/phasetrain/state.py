@@ -1,34 +1,33 @@
-"""The run's position: which phase, which epoch, how many optimizer steps. One small object callbacks read."""
+"""Where a run is: its phase, epoch and optimizer step. One small object that callbacks and conditions read."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
 @dataclass
 class RunState:
-    """Counters of a run, all plain numbers so a checkpoint can store them as JSON.
+    """The counters of a run, all plain numbers so a checkpoint can store them as JSON.
 
+    ``phase`` is the phase the run is in; only the phase machine moves it (see ``phasetrain.machine``).
     ``epoch`` is 1-based: the epoch being trained or just finished (0 before the first).
-    ``optimizer_step`` counts optimizer updates; ``batch_in_epoch`` counts micro-batches consumed
-    in the current epoch; ``micro_step`` is the position inside the current accumulation group.
+    ``optimizer_step`` counts optimizer updates over the whole run; ``epoch_start_step`` is its value
+    when the current epoch started. ``batch_in_epoch`` counts the micro-batches this process consumed in
+    the current epoch; ``micro_step`` is the position inside the current gradient-accumulation group.
+    ``resumed`` is True while a resumed run is still in the phase its checkpoint was taken in.
     """
 
     phase: str = "setup"
+    phase_complete: bool = False
     epochs: int = 1
     epoch: int = 0
     optimizer_step: int = 0
+    epoch_start_step: int = 0
     batch_in_epoch: int = 0
     micro_step: int = 0
-    phase_complete: bool = False
     stop_requested: bool = False
     stop_reason: str = ""
-    train_loss_sum: Any = 0.0  # float; a device tensor while an epoch runs (read at checkpoints)
-    train_samples: int = 0
-    logged_loss_sum: float = 0.0  # train loss sum and samples at the last step log of this epoch
-    logged_samples: int = 0
-    epoch_start_step: int = 0  # optimizer steps before the current epoch
-    monitor_at: tuple[int, int] | None = None  # (epoch, step) when checkpoint.monitor was last logged
+    resumed: bool = field(default=False, compare=False)
 
     @property
     def is_last_epoch(self) -> bool:
@@ -44,14 +43,17 @@ class RunState:
         self.stop_requested = True
         self.stop_reason = reason
 
+    def start_epoch(self) -> None:
+        """The bookkeeping of a new epoch; the phase machine calls it on every entry into ``train_epoch``."""
+        self.epoch += 1
+        self.batch_in_epoch = self.micro_step = 0
+        self.epoch_start_step = self.optimizer_step
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["train_loss_sum"] = float(self.train_loss_sum)  # one sync, at a checkpoint only
+        del data["resumed"]  # a fact about this process, not about the run
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
-        state = cls(**data)
-        if state.monitor_at is not None:
-            state.monitor_at = (int(state.monitor_at[0]), int(state.monitor_at[1]))  # JSON gives a list
-        return state
+        return cls(**data)

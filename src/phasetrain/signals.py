@@ -1,0 +1,69 @@
+"""Stop signals: SIGTERM/SIGINT set a flag; the run checkpoints at the next optimizer step or phase
+boundary and stops with ``RunInterrupted``. With several processes they agree first, so all stop together."""
+from __future__ import annotations
+
+import pathlib
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+#: optimizer steps between signal agreements in multi-process runs (a collective, so not every step)
+AGREE_EVERY = 16
+
+
+class RunInterrupted(Exception):
+    """Raised after a SIGTERM/SIGINT: the current optimizer step finished and a checkpoint was written."""
+
+    def __init__(self, signal_name: str, checkpoint: pathlib.Path, run_dir: pathlib.Path) -> None:
+        self.checkpoint = checkpoint
+        super().__init__(f"{signal_name} received: saved {checkpoint}; resume with 'phasetrain resume {run_dir}'")
+
+
+class StopSignals:
+    """The SIGTERM/SIGINT flag of this process, and the agreement of all processes on it.
+
+    ``accelerator`` gives ``num_processes``, ``device`` and ``reduce`` (one tiny all-reduce per agreement).
+    """
+
+    def __init__(self, accelerator: Any) -> None:
+        self._accelerator = accelerator
+        self.received: int | None = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received or signal.SIGTERM).name
+
+    def pending(self, optimizer_step: int | None = None) -> bool:
+        """Whether a stop signal arrived in any process. Mid-epoch (``optimizer_step`` given) several
+        processes agree only every ``AGREE_EVERY`` steps; at a phase boundary (None) always."""
+        accelerator = self._accelerator
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        if optimizer_step is not None and optimizer_step % AGREE_EVERY:
+            return False
+        # Every process must stop at the same step, or the checkpoint's collectives hang.
+        flag = torch.tensor(0 if self.received is None else self.received, device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Catch SIGTERM/SIGINT for the duration of the block (main thread only), then restore the handlers."""
+        previous: dict[signal.Signals, Any] = {}
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, self._on_signal)
+        except ValueError:  # not the main thread: leave signals to the caller
+            pass
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.received = signum
