@@ -20,6 +20,7 @@ from phasetrain.errors import CallbackError
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from phasetrain.steps import TrainerSteps
     from phasetrain.trainer import Trainer
 
 #: Hooks every run has. Phase hooks ``on_enter_<phase>`` / ``on_exit_<phase>`` exist for each phase.
@@ -70,7 +71,7 @@ class CallbackList:
             for name in hook_names
         }
 
-    def fire(self, name: str, trainer: Trainer, *args: Any) -> None:
+    def fire(self, name: str, trainer: TrainerSteps, *args: Any) -> None:
         for hook in self._hooks.get(name, ()):
             hook(trainer, *args)
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from phasetrain.checkpoint_files import publish, seal, verify
-from phasetrain.config import CheckpointConfig
+from phasetrain.config import CheckpointConfig, RunConfig
 from phasetrain.errors import CheckpointError
 from phasetrain.state import RunState
 
@@ -129,6 +129,19 @@ class Checkpoints:
         raise CheckpointError(f"no intact checkpoint in {self.folder} to resume from")
 
     # ---- load ---------------------------------------------------------------------------------
+    def resume(self, which: str | os.PathLike[str], config: RunConfig, to_load: Mapping[str, Any],
+               per_process: Mapping[str, Any]) -> tuple[pathlib.Path, RunState]:
+        """Find the checkpoint ``which`` names, warn when ``config`` differs from the one it was saved with,
+        and restore everything from it; returns its path and the saved run state, marked as resumed."""
+        path = self.find(which)
+        changed = config_changes(metadata(path)["config"], config.to_dict())
+        if changed:
+            warnings.warn(f"resuming with a config that differs from the checkpoint's in {changed}: "
+                          "the result will not match the uninterrupted run", stacklevel=4)
+        state = self.load(path, to_load, per_process)
+        state.epochs, state.resumed = config.train.epochs, True
+        return path, state
+
     def load(self, path: pathlib.Path, to_load: Mapping[str, Any], per_process: Mapping[str, Any]) -> RunState:
         """Restore every object of ``to_load`` and ``per_process`` from ``path``; returns the saved run state."""
         saved = metadata(path)

@@ -22,19 +22,18 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import Dataset
 
-from phasetrain.accelerator import direct_steps, gather_in_order, make_accelerator
-from phasetrain.batches import RunData, unpack_batch
+from phasetrain.accelerator import direct_steps, make_accelerator
+from phasetrain.batches import RunData
 from phasetrain.bookkeeping import MonitorValue, bookkeeping_callbacks, warn_if_never_logged
-from phasetrain.callbacks import Callback, CallbackList, default_callbacks, say, with_callbacks
-from phasetrain.checkpoint import Checkpoints, config_changes, metadata
-from phasetrain.checks import check_loss_step, check_model_fits_loss, eval_mode
+from phasetrain.callbacks import Callback, CallbackList, say, with_callbacks
+from phasetrain.checkpoint import Checkpoints
+from phasetrain.checks import check_loss_step, check_model_fits_loss
 from phasetrain.components import as_config, build_components
 from phasetrain.conditions import Condition
 from phasetrain.config import RunConfig
-from phasetrain.data import check_dataset
 from phasetrain.errors import GraphError
 from phasetrain.graph import LAST, Edge, build_graph
 from phasetrain.history import RunHistory
@@ -45,8 +44,7 @@ from phasetrain.rng import ProcessRNG
 from phasetrain.run_folder import RunFolder
 from phasetrain.signals import RunInterrupted, StopSignals
 from phasetrain.state import RunState
-
-BatchOutput = dict[str, Any]  # {"loss": Tensor, "model_outputs": Any, "batch_size": int}
+from phasetrain.steps import TrainerSteps
 
 #: Methods that do the run's bookkeeping, and what to override or use instead.
 NOT_OVERRIDABLE = {
@@ -59,7 +57,7 @@ NOT_OVERRIDABLE = {
 }
 
 
-class Trainer:
+class Trainer(TrainerSteps):
     """Trains ``model`` by walking the phase graph ``setup -> train_epoch -> eval_epoch -> checkpoint -> done``.
 
     Components come from ``config`` as import specs, or as objects given here (an object given
@@ -186,13 +184,7 @@ class Trainer:
                           stacklevel=3)
             folder.restarting = True
             return True
-        path = self._checkpoints.find(which)
-        changed = config_changes(metadata(path)["config"], self.config.to_dict())
-        if changed:
-            warnings.warn(f"resuming with a config that differs from the checkpoint's in {changed}: "
-                          "the result will not match the uninterrupted run", stacklevel=3)
-        self.state = self._checkpoints.load(path, self._to_save(), self._per_process())
-        self.state.epochs, self.state.resumed = self.config.train.epochs, True
+        path, self.state = self._checkpoints.resume(which, self.config, self._to_save(), self._per_process())
         if self.accelerator.is_main_process:
             say(f"resuming {folder.path} from {path.name}: epoch {self.state.epoch}, step "
                 f"{self.state.optimizer_step}, in {self.state.phase}")
@@ -334,122 +326,8 @@ class Trainer:
             self.log(prefixed("test", self._evaluate(self.data.test, hooks=False)))
         self.run_folder.write_final_weights(self.accelerator, self.model)
 
-    # ---- override points: the run and its epochs (no-ops unless overridden) ----------------------------
-    def training_run_start(self) -> None:
-        """Start of every ``run()`` call (also a resumed one), before ``on_run_start``."""
-
-    def training_run_end(self) -> None:
-        """End of a run that reached ``done``, before ``on_run_end``."""
-
-    def train_epoch_start(self) -> None:
-        """Start of the train loop of an epoch (again after a mid-epoch resume); the model is in train mode."""
-
-    def train_epoch_end(self) -> None:
-        """End of a train epoch, after its ``train/loss`` record."""
-
-    def eval_epoch_start(self) -> None:
-        """Start of an eval epoch."""
-
-    def eval_epoch_end(self) -> None:
-        """End of an eval epoch, after its ``eval/...`` record."""
-
-    def default_callbacks(self) -> list[Callback]:
-        """Callbacks every run gets; a user callback of the same class replaces the default one."""
-        return default_callbacks(progress_bar=self.config.train.progress_bar)
-
-    # ---- override points: per batch -----------------------------------------------------------------
-    def calculate_train_batch_loss(self, batch: Any) -> BatchOutput:
-        """Forward one training batch ``(inputs, targets)``; return loss, model outputs and batch size."""
-        inputs, targets = unpack_batch(batch)
-        outputs = self.model(inputs)
-        return {"loss": self.loss_fn(outputs, targets), "model_outputs": outputs, "batch_size": len(inputs)}
-
-    def calculate_eval_batch_loss(self, batch: Any) -> BatchOutput:
-        """Forward one eval batch (already under ``torch.no_grad``); same return as the train step."""
-        return self.calculate_train_batch_loss(batch)
-
-    def backward_step(self, loss: torch.Tensor) -> None:
-        if self._direct:
-            loss.backward()
-        else:
-            self.accelerator.backward(loss)  # scales the loss for fp16, routes DeepSpeed/Megatron
-
-    def clip_gradients(self) -> None:
-        if self.config.train.max_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
-
-    def optimizer_step(self) -> None:
-        self._step_optimizer.step()
-
-    def optimizer_zero_grad(self) -> None:
-        self._step_optimizer.zero_grad(set_to_none=True)
-
-    def scheduler_step(self, interval: str) -> None:
-        """Step the LR scheduler if it runs at this ``interval`` (``"step"`` or ``"epoch"``); a
-        ReduceLROnPlateau steps on ``checkpoint.monitor`` instead, whenever a record carries it."""
-        spec = self.config.scheduler
-        if spec is not None and spec.interval == interval and not _is_plateau(self.scheduler):
-            self.scheduler.step()
-
-    def update_metrics(self, batch: Any, batch_output: BatchOutput) -> None:
-        _, targets = unpack_batch(batch)
-        for metric in self.metrics.values():
-            metric.update(batch_output["model_outputs"], targets)
-
-    def predict_step(self, batch: Any) -> Any:
-        inputs, _ = unpack_batch(batch)
-        return self.model(inputs)
-
-    # ---- evaluation and prediction --------------------------------------------------------------------
-    def evaluate(self, dataset: Dataset[Any]) -> dict[str, float]:
-        """Loss and metrics of the model on ``dataset``: ``{"loss": ..., "accuracy": ...}``; logs nothing."""
-        check_dataset(dataset, "evaluate(dataset)")
-        return self._evaluate(dataset, hooks=False)
-
-    def predict(self, dataset: Dataset[Any]) -> Any:
-        """Model outputs for every sample of ``dataset`` in dataset order, gathered across processes."""
-        check_dataset(dataset, "predict(dataset)")
-        outputs: list[Any] = []
-        with eval_mode(self.model), torch.no_grad():
-            for batch in self.data.eval_batches(dataset):
-                outputs.append(send_to_device(self.predict_step(self.data.to_device(batch)), "cpu"))
-        local = torch.cat(outputs) if outputs and isinstance(outputs[0], torch.Tensor) else outputs
-        if self.accelerator.num_processes == 1:
-            return local
-        return gather_in_order(local, len(dataset), self.accelerator.num_processes)  # type: ignore[arg-type]
-
-    def _evaluate(self, dataset: Any, hooks: bool) -> dict[str, float]:
-        """Mean loss and every metric over ``dataset``, exact across processes (no padded duplicates)."""
-        device = self.accelerator.device
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        samples = torch.zeros((), device=device, dtype=torch.float64)
-        with eval_mode(self.model), torch.no_grad():
-            for batch in self.data.eval_batches(dataset):
-                if hooks:
-                    self.callbacks.fire("on_eval_step_start", self)
-                batch = self.data.to_device(batch)
-                output = self.calculate_eval_batch_loss(batch)
-                loss_sum += output["loss"].detach().double() * output["batch_size"]
-                samples += output["batch_size"]
-                self.update_metrics(batch, output)
-                if hooks:
-                    self.callbacks.fire("on_eval_step_end", self, output)
-        totals = self._sum_over_processes(torch.stack([loss_sum, samples]))  # one sync per evaluation
-        results = {"loss": (totals[0] / totals[1]).item()}
-        for name, metric in self.metrics.items():
-            results[name] = float(metric.compute())  # torchmetrics syncs its state across processes here
-            metric.reset()
-        return results
-
-    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(tensor, reduction="sum")
-
     def _gradient_sync(self, sync: bool) -> AbstractContextManager[Any]:
         return nullcontext() if sync or self.accelerator.num_processes == 1 else self.accelerator.no_sync(self.model)
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
-
-
-def _is_plateau(scheduler: Any) -> bool:
-    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
