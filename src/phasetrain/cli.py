@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+from typing import Any
 
 from phasetrain.errors import PhasetrainError
 
@@ -46,25 +47,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
-    from phasetrain.trainer import Trainer
     ensure_importable_cwd()
-    config = RunConfig.from_file(args.config, overrides=args.overrides)
-    Trainer(config).run()
+    _train(RunConfig.from_file(args.config, overrides=args.overrides), resume=None)
     return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
     from phasetrain.errors import RunDirError
-    from phasetrain.trainer import Trainer
+    from phasetrain.run_folder import RunFolder
     ensure_importable_cwd()
     config_file = args.run_dir / "config.yaml"
     if not config_file.is_file():
         raise RunDirError(f"{args.run_dir} is not a run folder: it has no config.yaml")
+    if RunFolder(args.run_dir, is_main_process=True).finished:  # answered without building the run
+        print(f"run {args.run_dir} is finished (model.safetensors written); nothing to resume")
+        return 0
     config = RunConfig.from_file(config_file)
     config.run_dir = args.run_dir  # set, not parsed: a folder named like a date or a number stays a path
-    Trainer(config).run(resume=args.checkpoint)
+    _train(config, resume=args.checkpoint)
     return 0
+
+
+def _train(config: Any, resume: str | None) -> None:
+    from phasetrain.trainer import Trainer
+    Trainer(config).run(resume=resume)
 
 
 def _graph(args: argparse.Namespace) -> int:
@@ -72,7 +79,7 @@ def _graph(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
     from phasetrain.errors import RunDirError
     from phasetrain.graph import FIRST, build_graph
-    from phasetrain.plan import saved_position
+    from phasetrain.run_folder import saved_position
     ensure_importable_cwd()
     run_dir = args.source if args.source.is_dir() else None
     config = RunConfig.from_file(run_dir / "config.yaml" if run_dir else args.source, overrides=args.overrides)

@@ -15,6 +15,7 @@ import importlib
 import json
 import pathlib
 import sys
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import yaml
@@ -22,13 +23,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from phasetrain.errors import ConfigError
 
-_FORBID = ConfigDict(extra="forbid", validate_assignment=True)
+#: What error messages name as the config's source: the file or "config" while loading, else "RunConfig".
+_SOURCE: ContextVar[str] = ContextVar("config_source", default="RunConfig")
 
 
-class ImportSpec(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys refused, assignments validated, a bad assignment a ConfigError."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, type(self).__name__, type(self))) from None
+
+
+class ImportSpec(Section):
     """A component named by import path: ``target`` is ``"package.module:attribute"``, called with ``args``."""
 
-    model_config = _FORBID
     target: str = Field(description="'module:attribute' of a class or function to call")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the call")
 
@@ -93,10 +106,9 @@ class PhaseSpec(ImportSpec):
         return self
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Section):
     """How the train and eval epochs run. ``batch_size`` is per device (per process)."""
 
-    model_config = _FORBID
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1, description="per device")
     eval_batch_size: int | None = Field(None, ge=1, description="per device; defaults to batch_size")
@@ -115,10 +127,9 @@ class TrainConfig(BaseModel):
         return self.eval_batch_size or self.batch_size
 
 
-class CheckpointConfig(BaseModel):
+class CheckpointConfig(Section):
     """When checkpoints are taken and which are kept."""
 
-    model_config = _FORBID
     every_epochs: int = Field(1, ge=0, description="checkpoint every N epochs (and after the last); 0 = never")
     every_steps: int | None = Field(None, ge=1, description="also checkpoint every N optimizer steps mid-epoch")
     keep_last: int = Field(2, ge=0)
@@ -127,10 +138,9 @@ class CheckpointConfig(BaseModel):
     mode: Literal["min", "max"] = "min"
 
 
-class RunConfig(BaseModel):
+class RunConfig(Section):
     """Everything a run needs; written to ``RUN_DIR/config.yaml`` so the folder alone can repeat the run."""
 
-    model_config = _FORBID
     run_dir: pathlib.Path = Field(pathlib.Path("runs/run"), description="where config, metrics and weights go")
     seed: int = 0
     overwrite: bool = Field(False, description="replace a run_dir that already holds a run")
@@ -162,16 +172,24 @@ class RunConfig(BaseModel):
         return data
 
     # ---- loading ------------------------------------------------------------------------------
+    def __init__(self, **data: Any) -> None:
+        # Pydantic calls this for RunConfig(...) and for from_dict/from_file alike: one ConfigError for all.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, _SOURCE.get())) from None
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
         """Validate ``data`` with ``key=value`` overrides applied; raise one ConfigError naming each bad field."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of config keys at the top level, got {type(data).__name__}")
         merged = apply_overrides(data, overrides or [])
+        token = _SOURCE.set(source)
         try:
-            return cls.model_validate(merged)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, source)) from None
+            return cls(**merged)
+        finally:
+            _SOURCE.reset(token)
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path, overrides: list[str] | None = None) -> RunConfig:
@@ -220,13 +238,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
-def describe_validation_error(exc: ValidationError, source: str) -> str:
+def describe_validation_error(exc: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     """Turn pydantic's error list into short lines: where, what was wrong, what is expected."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key{_did_you_mean(err['loc'])}")
+            lines.append(f"{loc}: unknown key{_did_you_mean(err['loc'], root or RunConfig)}")
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict | list) or err["type"] == "value_error" else f" (got {got!r})"
@@ -235,8 +253,8 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
     return head + (" " + lines[0] if len(lines) == 1 else "".join(f"\n  {line}" for line in lines))
 
 
-def _did_you_mean(loc: tuple[Any, ...]) -> str:
-    section: type[BaseModel] | None = RunConfig
+def _did_you_mean(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
+    section: type[BaseModel] | None = root
     for part in loc[:-1]:
         field = section.model_fields.get(str(part)) if section else None
         ann = field.annotation if field else None

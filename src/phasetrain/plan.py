@@ -8,7 +8,6 @@ calling ``request_stop``) cannot be foreseen and are not assumed.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ from phasetrain.errors import GraphError
 from phasetrain.graph import EPOCH, FIRST, LAST, Edge, build_graph
 from phasetrain.machine import PhaseMachine
 from phasetrain.render import edge_label
+from phasetrain.run_folder import run_position
 from phasetrain.state import RunState
 
 
@@ -77,26 +77,3 @@ def format_plan(walk: list[PlannedEpoch], source: str, epochs: int, steps: int |
             span = f" (steps {planned.first_step}-{planned.last_step})" if steps else ""
             lines.append(f"  epoch {planned.epoch}{span}: {phases}")
     return "\n".join(lines)
-
-
-def run_position(run_dir: pathlib.Path) -> str:
-    """Where a run folder's run is: finished, not started, or the phase, epoch and step of its latest checkpoint."""
-    phase, epoch, step = saved_position(run_dir)
-    if phase == LAST:
-        return f"{run_dir}: finished"
-    if phase is None:
-        return f"{run_dir}: no checkpoint yet; 'phasetrain resume {run_dir}' starts it from the beginning"
-    return (f"{run_dir}: latest checkpoint in {phase} of epoch {epoch}, after step {step}; "
-            f"'phasetrain resume {run_dir}' continues from there")
-
-
-def saved_position(run_dir: pathlib.Path) -> tuple[str | None, int, int]:
-    """(phase, epoch, optimizer step) a run folder's run is in: done when finished, else its latest checkpoint's."""
-    if (run_dir / "model.safetensors").exists():
-        return LAST, 0, 0
-    pointer = run_dir / "checkpoints" / "latest"
-    state_file = run_dir / "checkpoints" / pointer.read_text().strip() / "state.json" if pointer.is_file() else None
-    if state_file is None or not state_file.is_file():
-        return None, 0, 0
-    state = json.loads(state_file.read_text())["state"]
-    return str(state["phase"]), int(state["epoch"]), int(state["optimizer_step"])

@@ -5,6 +5,7 @@ one is left for ``phasetrain resume``, unless the config says ``overwrite: true`
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -40,6 +41,11 @@ class RunFolder:
     def final_weights(self) -> pathlib.Path:
         return self.path / "model.safetensors"
 
+    @property
+    def finished(self) -> bool:
+        """A run that reached ``done`` wrote its final weights; there is nothing to resume."""
+        return self.final_weights.exists()
+
     def holds_run(self) -> bool:
         return any((self.path / name).exists() for name in RUN_FILES)
 
@@ -71,6 +77,29 @@ class RunFolder:
             with atomic_path(self.final_weights) as tmp:
                 save_model(accelerator.unwrap_model(model), str(tmp))
         accelerator.wait_for_everyone()
+
+
+def run_position(run_dir: pathlib.Path) -> str:
+    """Where a run folder's run is: finished, not started, or the phase, epoch and step of its latest checkpoint."""
+    phase, epoch, step = saved_position(run_dir)
+    if phase == "done":
+        return f"{run_dir}: finished"
+    if phase is None:
+        return f"{run_dir}: no checkpoint yet; 'phasetrain resume {run_dir}' starts it from the beginning"
+    return (f"{run_dir}: latest checkpoint in {phase} of epoch {epoch}, after step {step}; "
+            f"'phasetrain resume {run_dir}' continues from there")
+
+
+def saved_position(run_dir: pathlib.Path) -> tuple[str | None, int, int]:
+    """(phase, epoch, optimizer step) a run folder's run is in: done when finished, else its latest checkpoint's."""
+    if (run_dir / "model.safetensors").exists():
+        return "done", 0, 0
+    pointer = run_dir / "checkpoints" / "latest"
+    state_file = run_dir / "checkpoints" / pointer.read_text().strip() / "state.json" if pointer.is_file() else None
+    if state_file is None or not state_file.is_file():
+        return None, 0, 0
+    state = json.loads(state_file.read_text())["state"]
+    return str(state["phase"]), int(state["epoch"]), int(state["optimizer_step"])
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:

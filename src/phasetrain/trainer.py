@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset
 
-from phasetrain.accelerator import direct_steps, make_accelerator
+from phasetrain.accelerator import direct_steps, make_accelerator, release_at_exit
 from phasetrain.batches import RunData
 from phasetrain.bookkeeping import MonitorValue, bookkeeping_callbacks, warn_if_never_logged
 from phasetrain.callbacks import Callback, CallbackList, say, with_callbacks
@@ -97,6 +97,8 @@ class Trainer(TrainerSteps):
         self._direct = direct_steps(accelerator)
         self._step_optimizer = self.optimizer.optimizer if self._direct else self.optimizer
         self._started = False
+        if accelerator.num_processes > 1:
+            release_at_exit(self)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -176,7 +178,7 @@ class Trainer(TrainerSteps):
     def _resume(self, which: str | os.PathLike[str]) -> bool:
         """Load the checkpoint to continue from; False when the run is finished already."""
         folder = self.run_folder
-        if folder.final_weights.exists():
+        if folder.finished:
             say(f"run {folder.path} is finished ({folder.final_weights.name} written); nothing to resume")
             return False
         if str(which) == "latest" and not self._checkpoints.all():
