@@ -11,7 +11,9 @@
 - Unlabelled blocks whose lines start with ``$ `` are transcripts: each command runs and its output
   (stdout and stderr) must equal the lines shown under it; a line ``...`` stands for any lines.
 - ``<!-- doc-test: skip REASON -->`` on the line before a block skips it (the reason is required);
-  ``<!-- doc-test: write FILE -->`` writes the block (a config, say) to FILE for the blocks after it.
+  ``<!-- doc-test: write FILE -->`` writes the block (a config, say) to FILE for the blocks after it;
+  ``<!-- doc-test: needs dot -->`` skips a block that draws with Graphviz when ``dot`` is not installed,
+  unless PHASETRAIN_REQUIRE_GRAPHVIZ is set (CI sets it: there the block must run).
 
 Exit status 0 and ``N blocks ran`` when everything matched; otherwise the first mismatch, with its line.
 """
@@ -21,6 +23,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -124,6 +127,8 @@ def main(page: str) -> int:
             if not block.marker[1]:
                 return _fail(page, block, "a doc-test skip marker needs a reason")
             continue
+        if block.marker == ("needs", "dot") and not graphviz_required_or_present():
+            continue
         if block.marker and block.marker[0] == "write":
             with open(block.marker[1], "w") as file:
                 file.write(block.code)
@@ -145,6 +150,10 @@ def main(page: str) -> int:
         started = time.perf_counter()
     print(f"{ran} blocks ran")
     return 0
+
+
+def graphviz_required_or_present() -> bool:
+    return bool(os.environ.get("PHASETRAIN_REQUIRE_GRAPHVIZ")) or shutil.which("dot") is not None
 
 
 def _fail(page: str, block: Block, problem: str) -> int:

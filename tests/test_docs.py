@@ -91,3 +91,12 @@ def test_doc_examples_never_share_a_run_folder() -> None:
     shared = {run_dir: places for run_dir, places in writers.items() if len(places) > 1}
     assert not shared, shared
     assert "runs/digits" not in writers
+
+
+def test_ci_runs_the_readme_test_command_on_the_whole_suite() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"Run the tests:.*?```bash\n(.+?)\n```", readme, re.DOTALL)
+    assert command and command[1].endswith("python -m pytest")  # no -m filter: CI runs the slow tests too
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'bash -c "$readme_test_command"' in ci and "set -euo pipefail" in ci
+    assert not re.search(r"^[^#\n]*\S &&", ci, re.MULTILINE)  # no && chain whose failure set -e would ignore
