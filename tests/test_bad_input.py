@@ -176,6 +176,21 @@ def test_drop_last_with_fewer_samples_than_a_batch_is_refused(tmp_path: pathlib.
         Trainer(digits_config(tmp_path / "run", train={"drop_last": True}), train_data=small)
 
 
-def test_a_monitor_no_metric_matches_is_warned_about(tmp_path: pathlib.Path) -> None:
-    with pytest.warns(UserWarning, match="checkpoint.monitor 'eval/acc' is not a metric this run logs"):
+def test_a_monitor_no_metric_matches_is_warned_about_listing_only_what_the_run_logs(tmp_path: pathlib.Path) -> None:
+    with pytest.warns(UserWarning, match=r"checkpoint.monitor 'eval/acc' is not a metric this run logs \(eval/accuracy, "
+                                         r"eval/loss, test/accuracy, test/loss, train/loss, train/lr\); keep_best keeps "
+                                         r"nothing unless a callback logs it"):
         Trainer(digits_config(tmp_path / "run", checkpoint={"monitor": "eval/acc"}))
+
+
+def test_the_constructor_and_assignments_raise_config_error_too() -> None:
+    with pytest.raises(ConfigError, match=r"RunConfig: invalid config: train.epochs: Input should be greater than or "
+                                          r"equal to 1 \(got 0\)"):
+        RunConfig(train={"epochs": 0})
+    with pytest.raises(ConfigError, match=r"RunConfig: invalid config: trian: unknown key, did you mean 'train'\?"):
+        RunConfig(trian={})
+    cfg = RunConfig()
+    with pytest.raises(ConfigError, match=r"TrainConfig: invalid config: epochs: Input should be greater than or "
+                                          r"equal to 1 \(got 0\)"):
+        cfg.train.epochs = 0
+    assert cfg.train.epochs == 10  # a refused assignment changes nothing

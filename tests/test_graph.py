@@ -355,3 +355,22 @@ def test_committed_diagrams_and_readme_graph_are_up_to_date() -> None:
     result = subprocess.run([sys.executable, "diagrams/render.py", "--check"], check=False, capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_phasetrain_quiets_its_own_transitions_only_and_respects_a_level_set_by_the_user(tmp_path: pathlib.Path,
+                                                                                       caplog: pytest.LogCaptureFixture
+                                                                                       ) -> None:
+    import logging
+    logger = logging.getLogger("transitions")
+    assert logger.level == logging.NOTSET
+    with caplog.at_level(logging.INFO):
+        Trainer(digits_config(tmp_path / "a", train={"epochs": 1})).run()
+    assert logger.level == logging.NOTSET  # nothing changed for the rest of the process
+    assert not [r for r in caplog.records if r.name.startswith("transitions")]
+    logger.setLevel(logging.INFO)  # someone debugging the machine asks for its lines
+    try:
+        with caplog.at_level(logging.INFO, logger="transitions"):
+            Trainer(digits_config(tmp_path / "b", train={"epochs": 1})).run()
+        assert any(r.name.startswith("transitions") for r in caplog.records)
+    finally:
+        logger.setLevel(logging.NOTSET)

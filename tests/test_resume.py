@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from phasetrain import Callback, CheckpointError, Trainer
+from phasetrain import Callback, CheckpointError, RunInterrupted, Trainer
 from phasetrain.checkpoint_files import crc32
 from tests.conftest import ResumePoint, digits, digits_config
 
@@ -106,6 +107,28 @@ def test_a_resumed_run_re_enters_its_phase_so_enter_and_exit_hooks_pair_up(tmp_p
     assert log.events[-1] == "enter done"
 
 
+def test_the_progress_bar_of_a_resumed_epoch_starts_at_the_steps_already_done(tmp_path: pathlib.Path) -> None:
+    from phasetrain import ProgressBar
+
+    class Starts(ProgressBar):
+        def __init__(self) -> None:
+            super().__init__()
+            self.starts: list[tuple[int, int | None]] = []
+
+        def on_enter_train_epoch(self, trainer: Trainer) -> None:
+            super().on_enter_train_epoch(trainer)
+            assert self._bar is not None
+            self.starts.append((self._bar.n, self._bar.total))
+
+    config = digits_config(tmp_path / "run", train={"epochs": 2, "progress_bar": True},
+                           checkpoint={"every_epochs": 0, "every_steps": 25, "keep_last": 1})
+    with pytest.raises(Crash):
+        Trainer(config, callbacks=[CrashAt(step=60)]).run()
+    bar = Starts()
+    Trainer(config, callbacks=[bar]).run(resume="latest")
+    assert bar.starts == [(10, 40)]  # resumed at step 50: 10 of epoch 2's 40 steps done
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_mid_epoch_resume_is_exact_with_random_augmentation_in_workers(tmp_path: pathlib.Path, workers: int) -> None:
     train = Augmented(digits()["train"])
@@ -182,6 +205,69 @@ def test_resume_restores_which_parameters_a_phase_unfroze(tmp_path: pathlib.Path
     resumed.run(resume="latest")
     assert point.at == ("train_epoch", 2, 50, True)
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+
+
+class TermAt(Callback):
+    """Sends this process a SIGTERM after optimizer step ``step``, as a scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        if trainer.state.optimizer_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_mid_epoch_checkpoints_at_that_very_step_and_the_resume_is_exact(tmp_path: pathlib.Path) -> None:
+    sections = {"model": {"args": {"hidden": 32, "dropout": 0.3}}, "train": {"epochs": 2},
+                "checkpoint": {"every_epochs": 1, "keep_last": 5}}
+    reference = Trainer(digits_config(tmp_path / "a", **sections))
+    reference.run()
+    config = digits_config(tmp_path / "b", **sections)
+    with pytest.raises(RunInterrupted, match="SIGTERM received: saved .*epoch002-step0000057-train_epoch; resume with"):
+        Trainer(config, callbacks=[TermAt(57)]).run()
+    resumed, at = resume(config)
+    assert at == ("train_epoch", 2, 57, True)
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+
+
+def test_a_custom_phase_keeps_its_state_across_a_resume(tmp_path: pathlib.Path) -> None:
+    from phasetrain import Phase
+
+    class Visits(Phase):
+        """Counts its own runs and logs the count: state a checkpoint must carry."""
+
+        name = "visits"
+
+        def __init__(self) -> None:
+            self.runs = 0
+
+        def run(self, trainer: Trainer) -> None:
+            self.runs += 1
+            trainer.log({"visits/runs": float(self.runs)})
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"runs": self.runs}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.runs = state["runs"]
+
+    def trainer_for(name: str, *callbacks: Callback) -> Trainer:
+        trainer = Trainer(digits_config(tmp_path / name, train={"epochs": 4},
+                                        checkpoint={"every_epochs": 1, "every_steps": 30, "keep_last": 2}),
+                          callbacks=list(callbacks))
+        trainer.add_phase(Visits(), after="eval_epoch")
+        return trainer
+
+    reference = trainer_for("a").run()
+    with pytest.raises(Crash):
+        trainer_for("b", CrashAt(step=100)).run()
+    point = ResumePoint()
+    resumed = trainer_for("b", point)
+    resumed.run(resume="latest")
+    assert point.at == ("train_epoch", 3, 90, True)
+    assert resumed.run_history.get_metric_values("visits/runs") == reference.get_metric_values("visits/runs") == [
+        1.0, 2.0, 3.0, 4.0]
 
 
 # ---- bad checkpoints --------------------------------------------------------------------------------

@@ -125,14 +125,18 @@ def test_sgd_weights_match_hand_computed_values(tmp_path: pathlib.Path) -> None:
     config = RunConfig.from_dict({"run_dir": str(tmp_path / "run"),
                                   "train": {"epochs": 2, "batch_size": 2, "shuffle": False, "progress_bar": False},
                                   "checkpoint": {"every_epochs": 0}})
-    Trainer(config, model=model, loss_fn=torch.nn.MSELoss(), optimizer=optimizer,
-            train_data=torch.utils.data.TensorDataset(inputs, targets)).run()
-    w = 0.5
+    history = Trainer(config, model=model, loss_fn=torch.nn.MSELoss(), optimizer=optimizer,
+                      train_data=torch.utils.data.TensorDataset(inputs, targets)).run()
+    w, epoch_losses = 0.5, []
     for _ in range(2):
+        batch_losses = []
         for x, y in (((1.0, 2.0), (2.0, 4.0)), ((3.0, 4.0), (6.0, 8.0))):
+            batch_losses.append(sum((w * xi - yi) ** 2 for xi, yi in zip(x, y, strict=True)) / 2)
             grad = sum(2 * xi * (w * xi - yi) for xi, yi in zip(x, y, strict=True)) / 2
             w -= 0.01 * grad
+        epoch_losses.append(sum(batch_losses) / 2)  # two batches of two samples: the sample-weighted mean
     assert model.weight.item() == pytest.approx(w, rel=1e-6)
+    assert history.get_metric_values("train/loss") == pytest.approx(epoch_losses, rel=1e-6)
 
 
 def test_metrics_file_and_history_record_every_epoch(tmp_path: pathlib.Path) -> None:

@@ -44,6 +44,9 @@ class Callback:
     - ``on_eval_step_start(trainer)`` / ``on_eval_step_end(trainer, batch_output)``
     - ``on_log(trainer, record)``: a metrics record ``{"phase", "epoch", "step", "kind", "train/loss", ...}``
 
+    Enter and exit hooks pair up within a process: a resumed run re-enters the phase its checkpoint
+    was taken in, firing ``on_enter_<phase>`` again with ``trainer.state.resumed`` set.
+
     Call ``trainer.request_stop(reason)`` to end the run at the next phase boundary. Stateful
     callbacks implement ``state_dict``/``load_state_dict`` so checkpoints keep their state.
     """
