@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 import torchmetrics
@@ -22,6 +23,16 @@ def test_main_job_reaches_95_percent_test_accuracy(tmp_path: pathlib.Path) -> No
     assert history.get_latest_metric("test/accuracy") >= 0.95
     assert len(history.get_metric_values("eval/accuracy")) == config.train.epochs
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_the_example_reads_the_same_digits_as_scikit_learn() -> None:
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    from examples.digits import load_digits
+    pixels, labels = load_digits()
+    reference = sklearn_load_digits()
+    assert np.array_equal(pixels, reference.data) and np.array_equal(labels, reference.target)
+    assert pixels.shape == (1797, 64)
 
 
 def test_phase_sequence_comes_from_the_machine(tmp_path: pathlib.Path) -> None:
