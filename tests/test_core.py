@@ -1,6 +1,7 @@
 """The trainer core: overridable epochs and steps, replaceable phases, and the one owner of each batch fact."""
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -123,17 +124,23 @@ class TwoPassTrainer(Trainer):
 
 def test_an_overridden_train_epoch_keeps_hooks_step_logs_and_mid_epoch_checkpoints(tmp_path: pathlib.Path) -> None:
     steps: list[int] = []
+    losses: list[float] = []
 
     class Steps(Callback):
         def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
             steps.append(trainer.state.optimizer_step)
+            losses.append(loss.item())
 
     config = digits_config(tmp_path / "run", train={"epochs": 1, "log_every_steps": 20},
                            checkpoint={"every_steps": 30, "keep_last": 5})
     TwoPassTrainer(config, callbacks=[Steps()]).run()
     assert steps == list(range(1, 81))
-    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"kind": "step"' in r for r in records) == 4
+    records = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step_records = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in step_records] == [20, 40, 60, 80]
+    for record in step_records:  # each step record: the mean of the losses the loop handed over since the last
+        since = losses[record["step"] - 20: record["step"]]
+        assert record["train/loss"] == pytest.approx(sum(since) / len(since), rel=1e-5)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("epoch")) == [
         "epoch001-step0000030-train_epoch", "epoch001-step0000060-train_epoch"]
 

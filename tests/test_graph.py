@@ -24,6 +24,7 @@ from phasetrain import (
     on_last_epoch,
 )
 from phasetrain.graph import Edge, PhaseGraph, default_graph
+from phasetrain.machine import PhaseMachine
 from phasetrain.plan import plan
 from phasetrain.render import edge_label
 from tests.conftest import PhaseRecorder, ResumePoint, digits, digits_config
@@ -181,8 +182,8 @@ def test_invalid_graphs_are_refused_with_the_phases_named() -> None:
         graph_of(["setup", "train_epoch", "spin", "done"], [
             Edge("setup", "train_epoch", on_last_epoch()), Edge("setup", "done"), Edge("train_epoch", "spin"),
             Edge("spin", "train_epoch")]).validate()
-    # An unconditional edge shadows the edges after it: here train_epoch could never reach done.
-    with pytest.raises(GraphError, match="phases not reachable from setup: eval_epoch, checkpoint, done"):
+    # An unconditional edge shadows the edges after it: here train_epoch's own edges are never taken.
+    with pytest.raises(GraphError, match="phases not reachable from setup: eval_epoch, checkpoint$"):
         default_graph().add_phase(Node("loop"), after="train_epoch", then="train_epoch")
     with pytest.raises(GraphError, match="then='setup': setup runs once"):
         default_graph().add_phase(Node("again"), after="eval_epoch", then="setup")
@@ -197,6 +198,29 @@ def test_invalid_graphs_are_refused_with_the_phases_named() -> None:
         default_graph().add_phase(Node("Test Set"), after="eval_epoch")
     with pytest.raises(GraphError, match="replace_phase: no phase named 'evaluate' to replace; phases: setup"):
         default_graph().replace_phase(Node("evaluate"))
+
+
+def test_a_phase_sent_back_to_train_epoch_still_lets_the_run_finish() -> None:
+    graph = default_graph(checkpoint_every=0)
+    graph.add_phase(Node("again"), after="eval_epoch", when=every_n_epochs(1), then="train_epoch")
+    walk = [[name for name, _ in epoch.phases] for epoch in plan(PhaseMachine(graph), 2, 10)]
+    assert walk[1:] == [["train_epoch", "eval_epoch", "again"], ["train_epoch", "eval_epoch", "again", "done"]]
+
+
+def test_a_walk_into_train_epoch_after_the_last_epoch_is_stopped() -> None:
+    # Valid as a graph (every phase reaches done), but eval_epoch goes back to train_epoch unconditionally.
+    graph = graph_of(["setup", "train_epoch", "eval_epoch", "done"], [
+        Edge("setup", "train_epoch"), Edge("train_epoch", "eval_epoch", every_n_epochs(1)),
+        Edge("train_epoch", "done"), Edge("eval_epoch", "train_epoch")])
+    with pytest.raises(GraphError, match="entered train_epoch from eval_epoch after the last epoch \\(epoch 2 of 2\\)"):
+        plan(PhaseMachine(graph), 2, 10)
+
+
+def test_phases_added_after_the_same_phase_keep_their_order_also_with_then() -> None:
+    graph = default_graph(checkpoint_every=0)
+    graph.add_phase(Node("first"), after="eval_epoch", when=every_n_epochs(2), then="train_epoch")
+    graph.add_phase(Node("second"), after="eval_epoch", when=every_n_epochs(1))
+    assert [e.dest for e in graph.edges_from("eval_epoch")][:2] == ["first", "second"]
 
 
 def test_a_refused_phase_leaves_the_graph_unchanged() -> None:

@@ -270,6 +270,86 @@ def test_a_custom_phase_keeps_its_state_across_a_resume(tmp_path: pathlib.Path) 
         1.0, 2.0, 3.0, 4.0]
 
 
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        if trainer.state.optimizer_step == self.step:
+            trainer.request_stop("enough")
+
+
+class CrashOnStoppedEpochRecord(Callback):
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if record["kind"] == "epoch" and record["phase"] == "train_epoch" and record["step"] == 50:
+            raise Crash  # after the step-50 checkpoint, when the stopped epoch logs
+
+
+def test_a_stop_requested_at_a_checkpointed_step_still_ends_the_resumed_epoch_there(tmp_path: pathlib.Path) -> None:
+    # The checkpoint at step 50 holds the stop request and an unfinished epoch: the resume must not train on.
+    sections = {"train": {"epochs": 3}, "checkpoint": {"every_epochs": 0, "every_steps": 50, "keep_last": 1}}
+    reference = Trainer(digits_config(tmp_path / "a", **sections), callbacks=[StopAt(50)])
+    reference.run()
+    config = digits_config(tmp_path / "b", **sections)
+    with pytest.raises(Crash):
+        Trainer(config, callbacks=[StopAt(50), CrashOnStoppedEpochRecord()]).run()
+    resumed, at = resume(config)
+    assert at == ("train_epoch", 2, 50, True)
+    assert resumed.state.optimizer_step == reference.state.optimizer_step == 50
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
+
+
+def test_a_phase_that_saves_as_its_last_act_is_not_run_again_on_resume(tmp_path: pathlib.Path) -> None:
+    from phasetrain import Phase
+
+    class PerturbThenSave(Phase):
+        name = "perturb"
+
+        def run(self, trainer: Trainer) -> None:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)  # global-RNG noise: doing it twice would show
+            trainer.save_checkpoint(phase_finished=True)
+
+    def trainer_for(name: str, *callbacks: Callback) -> Trainer:
+        trainer = Trainer(digits_config(tmp_path / name, train={"epochs": 2}, checkpoint={"every_epochs": 0}),
+                          callbacks=list(callbacks))
+        trainer.add_phase(PerturbThenSave(), after="train_epoch")
+        return trainer
+
+    reference = trainer_for("a")
+    reference.run()
+    with pytest.raises(Crash):
+        trainer_for("b", CrashAt(epoch_start=2)).run()
+    point = ResumePoint()
+    resumed = trainer_for("b", point)
+    resumed.run(resume="latest")
+    assert point.at == ("perturb", 1, 40, True)
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+
+
+def test_a_callback_state_that_would_not_load_back_is_refused_when_saving(tmp_path: pathlib.Path) -> None:
+    import numpy as np
+
+    class Best(Callback):
+        def __init__(self) -> None:
+            self.best: object = None
+
+        def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+            if "eval/loss" in record:
+                self.best = np.float64(record["eval/loss"])  # subclasses float, but weights_only cannot load it
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"best": self.best}
+
+    config = digits_config(tmp_path / "run", train={"epochs": 1}, checkpoint={"every_epochs": 1})
+    with pytest.raises(CheckpointError, match=r"cannot checkpoint Best.state_dict\(\)\['best'\]: a numpy.float64 is "
+                                              r"not plain data; .*convert it, e.g. float\(value\)"):
+        Trainer(config, callbacks=[Best()]).run()
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))  # nothing half-written
+
+
 # ---- bad checkpoints --------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -406,11 +486,12 @@ def test_an_epoch_checkpoint_is_not_rewritten_on_resume_and_an_aside_copy_still_
     assert (only / "manifest.json").stat().st_mtime_ns == written  # resumed after it, not through it again
 
 
-def test_checkpoint_inside_an_accumulation_group_is_refused(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_checkpoint_inside_an_optimizer_step_is_refused(tmp_path: pathlib.Path, accumulation: int) -> None:
     class SaveMidGroup(Callback):
-        def on_after_backward(self, trainer: Trainer) -> None:
+        def on_after_backward(self, trainer: Trainer) -> None:  # the gradients of the step are not saved
             trainer.save_checkpoint()
 
-    config = digits_config(tmp_path / "run", train={"grad_accum_steps": 3})
-    with pytest.raises(CheckpointError, match=r"inside a gradient-accumulation group \(micro-step 1\)"):
+    config = digits_config(tmp_path / "run", train={"grad_accum_steps": accumulation})
+    with pytest.raises(CheckpointError, match=r"in the middle of an optimizer step \(micro-batch 1 of it has started\)"):
         Trainer(config, callbacks=[SaveMidGroup()]).run()

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from phasetrain.config import TrainConfig
-from phasetrain.data import EpochBatchSampler, batch_count, epoch_seed, make_loader, shard_size
+from phasetrain.data import EpochBatchSampler, batch_count, ceil_div, epoch_seed, make_loader, shard_size
 from phasetrain.errors import DataError
 
 
@@ -33,7 +33,7 @@ class Accumulation:
     @property
     def steps(self) -> int | None:
         """Optimizer steps per epoch (None when the batch count is unknown)."""
-        return None if self.batches is None else -(-self.batches // self.per_step)
+        return None if self.batches is None else ceil_div(self.batches, self.per_step)
 
     def group_size(self, batch_index: int) -> int:
         """Micro-batches in the group that batch ``batch_index`` (0-based, in the epoch) belongs to."""
@@ -61,7 +61,8 @@ class RunData:
             self._send = send_to_device
         self.batches_per_epoch = self._count(self.train, cfg.batch_size, pad=True, drop_last=cfg.drop_last)
         if self.batches_per_epoch == 0:
-            raise DataError(f"train dataset has {len(self.train)} samples per process, fewer than "
+            shard = shard_size(len(self.train), process_index, num_processes, pad=True)
+            raise DataError(f"train dataset has {shard} samples per process, fewer than "
                             f"batch_size {cfg.batch_size} with drop_last: no batch to train on")
         self.accumulation = Accumulation(self.batches_per_epoch, cfg.grad_accum_steps)
 
@@ -118,7 +119,7 @@ class RunData:
         except TypeError:  # an iterable dataset without a length
             return None
         if isinstance(dataset, IterableDataset):  # its own sharding: each process reads what it yields
-            return -(-size // batch_size)
+            return batch_count(size, batch_size, drop_last=False)
         return batch_count(shard_size(size, self._rank, self._world_size, pad), batch_size, drop_last)
 
 

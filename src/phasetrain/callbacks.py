@@ -82,7 +82,9 @@ class CallbackList:
         return iter(self.callbacks)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"callbacks": [(type(cb).__name__, cb.state_dict()) for cb in self.callbacks]}
+        from phasetrain.checkpoint import plain
+        return {"callbacks": [(type(cb).__name__, plain(cb.state_dict(), f"{type(cb).__name__}.state_dict()"))
+                              for cb in self.callbacks]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Give each callback the saved state of the same class, in order; warn about state left over."""
@@ -171,9 +173,9 @@ class ConsoleSummary(Callback):
 
     def on_run_end(self, trainer: Trainer) -> None:
         if trainer.accelerator.is_main_process:
-            run_dir = trainer.run_folder.path
-            say(f"run folder: {run_dir}\n  weights: {run_dir / 'model.safetensors'}\n"
-                   f"  metrics: {run_dir / 'metrics.jsonl'}\n  config:  {run_dir / 'config.yaml'}")
+            folder = trainer.run_folder
+            say(f"run folder: {folder.path}\n  weights: {folder.final_weights}\n  metrics: {folder.metrics}\n"
+                f"  config:  {folder.config_file}")
 
 
 class HistoryRecorder(Callback):
@@ -208,7 +210,7 @@ class MetricsFile(Callback):
 
     @staticmethod
     def path(trainer: Trainer) -> pathlib.Path:
-        return trainer.run_folder.path / "metrics.jsonl"
+        return trainer.run_folder.metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"lines_written": self.lines_written}

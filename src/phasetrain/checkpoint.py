@@ -15,6 +15,7 @@ import os
 import pathlib
 import shutil
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -41,40 +42,47 @@ class Checkpoints:
         """Write a checkpoint of the run at ``state``; returns its folder. Every process must call it."""
         if state.micro_step:
             raise CheckpointError(
-                f"cannot checkpoint inside a gradient-accumulation group (micro-step {state.micro_step}): "
-                "accumulated gradients are not saved, so the resume would not be exact; save at an "
+                f"cannot checkpoint in the middle of an optimizer step (micro-batch {state.micro_step} of it has "
+                "started): its gradients are not saved, so the resume would not be exact; save at an "
                 "optimizer-step boundary (on_train_step_end)")
+        process = self.process
+        # State dicts are taken (and checked) before anything is written: a bad one leaves no trace.
+        process_states = plain({name: obj.state_dict() for name, obj in per_process.items()}, "per-process state")
+        states = {name: obj if isinstance(obj, torch.nn.Module) else plain(obj.state_dict(), f"{name} state")
+                  for name, obj in to_save.items() if obj is not None} if process.is_main_process else {}
         final = self.folder / f"epoch{state.epoch:03d}-step{state.optimizer_step:07d}-{state.phase}"
         tmp = self.folder / f".tmp-{final.name}"
-        process = self.process
         if process.is_main_process:
             for stale in self.folder.glob(".tmp-*"):  # left by a crash inside an earlier write
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         process.wait_for_everyone()
-        torch.save({name: obj.state_dict() for name, obj in per_process.items()},
-                   tmp / f"process-{process.process_index}.pt")
+        torch.save(process_states, tmp / f"process-{process.process_index}.pt")
         process.wait_for_everyone()
         if process.is_main_process:
-            seal(tmp, [*self._write(tmp, state, to_save, metadata), *sorted(tmp.glob("process-*.pt"))])
+            try:
+                seal(tmp, [*self._write(tmp, state, states, metadata), *sorted(tmp.glob("process-*.pt"))])
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk, say) leaves no half folder
+                raise
             publish(tmp, final)
             self._apply_retention(final.name)
         process.wait_for_everyone()
         return final
 
-    def _write(self, tmp: pathlib.Path, state: RunState, to_save: Mapping[str, Any],
+    def _write(self, tmp: pathlib.Path, state: RunState, states: Mapping[str, Any],
                metadata: Mapping[str, Any]) -> Iterator[pathlib.Path]:
         """Write the main process's files, yielding each path once it is closed."""
         from safetensors.torch import save_model
         requires_grad: dict[str, dict[str, bool]] = {}
-        for name, obj in to_save.items():
-            if isinstance(obj, torch.nn.Module):
-                save_model(obj, str(tmp / f"{name}.safetensors"))
+        for name, value in states.items():
+            if isinstance(value, torch.nn.Module):
+                save_model(value, str(tmp / f"{name}.safetensors"))
                 # Frozen/unfrozen parameters are model state that state_dict() leaves out.
-                requires_grad[name] = {key: p.requires_grad for key, p in obj.named_parameters()}
+                requires_grad[name] = {key: p.requires_grad for key, p in value.named_parameters()}
                 yield tmp / f"{name}.safetensors"
-            elif obj is not None:
-                torch.save(obj.state_dict(), tmp / f"{name}.pt")
+            else:
+                torch.save(value, tmp / f"{name}.pt")
                 yield tmp / f"{name}.pt"
         from phasetrain import __version__
         contents = {"format_version": FORMAT_VERSION, "phasetrain_version": __version__, "state": state.to_dict(),
@@ -85,13 +93,13 @@ class Checkpoints:
     def _apply_retention(self, newest: str) -> None:
         """Keep the ``keep_last`` newest and the ``keep_best`` best by the monitored value; delete the rest."""
         policy = self.policy
-        intact = [c for c in self.all() if c.name != newest]
-        keep = {newest}
-        keep.update(c.name for c in intact[-max(policy.keep_last - 1, 0):] if policy.keep_last > 1)
-        ranked = [(v, c.name) for c in [*intact, self.folder / newest] if (v := _monitor_value(c)) is not None]
+        older = [c for c in self.all() if c.name != newest]  # oldest first
+        newer_kept = policy.keep_last - 1  # the newest counts as one of keep_last
+        keep = {newest, *(c.name for c in (older[-newer_kept:] if newer_kept > 0 else []))}
+        ranked = [(v, c.name) for c in [*older, self.folder / newest] if (v := _monitor_value(c)) is not None]
         ranked.sort(reverse=policy.mode == "max")
         keep.update(name for _, name in ranked[: policy.keep_best])
-        for checkpoint in intact:
+        for checkpoint in older:
             if checkpoint.name not in keep:
                 shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -186,6 +194,29 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str =
         elif a != b:
             changed.append(dotted)
     return changed
+
+
+#: What torch.load(weights_only=True) reads back: anything else in a state dict would save and then fail to load.
+_PLAIN_TYPES = (str, int, float, bool, complex, bytes, bytearray, type(None), torch.dtype, torch.device)
+
+
+def plain(value: Any, where: str) -> Any:
+    """``value`` itself, after checking it holds only tensors and plain data; a CheckpointError names the first
+    value that does not (numpy scalars are a common one: they subclass float but do not load safely)."""
+    if isinstance(value, torch.Tensor | torch.Size):
+        return value
+    if type(value) in (dict, OrderedDict):
+        for key, item in value.items():
+            plain(key, f"{where} key {key!r}")
+            plain(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple, set):
+        for index, item in enumerate(value):
+            plain(item, f"{where}[{index}]")
+    elif type(value) not in _PLAIN_TYPES:
+        raise CheckpointError(f"cannot checkpoint {where}: a {type(value).__module__}.{type(value).__qualname__} is not "
+                              "plain data; state_dict() may hold tensors, numbers, strings, bools, None, lists, tuples "
+                              "and dicts only (convert it, e.g. float(value) or torch.tensor(value))")
+    return value
 
 
 def _load(path: pathlib.Path) -> Any:

@@ -57,13 +57,13 @@ def _resume(args: argparse.Namespace) -> int:
     from phasetrain.errors import RunDirError
     from phasetrain.run_folder import RunFolder
     ensure_importable_cwd()
-    config_file = args.run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise RunDirError(f"{args.run_dir} is not a run folder: it has no config.yaml")
-    if RunFolder(args.run_dir, is_main_process=True).finished:  # answered without building the run
-        print(f"run {args.run_dir} is finished (model.safetensors written); nothing to resume")
+    folder = RunFolder(args.run_dir)
+    if not folder.config_file.is_file():
+        raise RunDirError(f"{args.run_dir} is not a run folder: it has no {folder.config_file.name}")
+    if folder.finished:  # answered without building the run
+        print(f"run {args.run_dir} is finished ({folder.final_weights.name} written); nothing to resume")
         return 0
-    config = RunConfig.from_file(config_file)
+    config = RunConfig.from_file(folder.config_file)
     config.run_dir = args.run_dir  # set, not parsed: a folder named like a date or a number stays a path
     _train(config, resume=args.checkpoint)
     return 0
@@ -79,12 +79,12 @@ def _graph(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
     from phasetrain.errors import RunDirError
     from phasetrain.graph import FIRST, build_graph
-    from phasetrain.run_folder import saved_position
+    from phasetrain.run_folder import RunFolder
     ensure_importable_cwd()
-    run_dir = args.source if args.source.is_dir() else None
-    config = RunConfig.from_file(run_dir / "config.yaml" if run_dir else args.source, overrides=args.overrides)
+    folder = RunFolder(args.source) if args.source.is_dir() else None
+    config = RunConfig.from_file(folder.config_file if folder else args.source, overrides=args.overrides)
     graph = build_graph(config)  # no model or data needed to draw
-    highlight = (saved_position(run_dir)[0] or FIRST) if run_dir else None
+    highlight = (folder.position()[0] or FIRST) if folder else None
     fmt = args.format or (render.format_of(args.output) if args.output else "mermaid")
     if args.output:
         if not args.output.parent.is_dir():

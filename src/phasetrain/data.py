@@ -28,7 +28,12 @@ def shard_size(size: int, rank: int, world_size: int, pad: bool) -> int:
 
 
 def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
-    return samples // batch_size if drop_last else -(-samples // batch_size)
+    """Batches of ``batch_size`` in ``samples``: the last one short, or dropped with ``drop_last``."""
+    return samples // batch_size if drop_last else ceil_div(samples, batch_size)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

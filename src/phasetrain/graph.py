@@ -37,6 +37,7 @@ class PhaseGraph:
         self.phases: dict[str, Phase] = {phase.name: phase for phase in phases}
         self.edges = edges
         self._chains: dict[str, list[str]] = {}  # phase -> [phase, phases added after it, in order]
+        self._diverting: set[str] = set()  # phases added with `then`: they leave their chain
 
     @property
     def names(self) -> list[str]:
@@ -44,26 +45,37 @@ class PhaseGraph:
 
     # ---- changing the graph ---------------------------------------------------------------------
     def add_phase(self, phase: Phase, after: str, when: Condition | None = None, then: str | None = None) -> None:
-        """Insert ``phase`` after ``after``: entered when ``when`` holds, then on to what followed ``after``
-        (or to ``then``, unconditionally). Phases added after the same phase run in the order they were
-        added, each when its condition holds."""
+        """Insert ``phase`` after ``after``: entered when ``when`` (or else the phase's own ``when``) holds,
+        then on to what followed ``after`` (or to ``then``, unconditionally). Phases added after the same
+        phase are tried in the order they were added, each when its condition holds."""
         self._check_new(phase.name, after, then)
+        when = when if when is not None else phase.when
         chain = self._chains.get(after, [after])  # `after` and the phases already added after it
         edges = list(self.edges)
         for member in chain:
+            if member in self._diverting:  # it goes on to its own `then`: nothing of the chain follows it
+                continue
             # Before member's continuation, after its edges into later members of the chain.
             later = chain[chain.index(member) + 1:]
             out = [i for i, e in enumerate(edges) if e.source == member]
             into_later = [i for i in out if edges[i].dest in later]
             edges.insert(into_later[-1] + 1 if into_later else out[0], Edge(member, phase.name, when))
-        continuation = [e for e in self.edges_from(after) if e.dest not in chain[1:]]
-        edges += [replace(e, source=phase.name) for e in continuation] if then is None else [Edge(phase.name, then)]
+        edges += self._continuation(phase.name, after, chain, then)
         phases = list(self.phases.values())
         phases.insert(len(phases) - 1 if LAST in self.phases else len(phases), phase)
         PhaseGraph(phases, edges).validate()
         self.phases, self.edges = {p.name: p for p in phases}, edges
+        self._chains[after] = [*chain, phase.name]
+        if then is not None:
+            self._diverting.add(phase.name)
+
+    def _continuation(self, name: str, after: str, chain: list[str], then: str | None) -> list[Edge]:
+        """The edges out of a new phase: those out of ``after`` (past the chain), or one into ``then``. Like
+        every built-in way into train_epoch, one added by ``then`` goes to done instead once the run is
+        finished; without that check it would train past the last epoch."""
         if then is None:
-            self._chains[after] = [*chain, phase.name]
+            return [replace(e, source=name) for e in self.edges_from(after) if e.dest not in chain[1:]]
+        return ([Edge(name, LAST, run_finished())] if then == EPOCH else []) + [Edge(name, then)]
 
     def replace_phase(self, phase: Phase) -> Phase:
         """Put ``phase`` in place of the phase of the same name (its edges stay); returns the one replaced."""
@@ -162,7 +174,8 @@ class PhaseGraph:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {name: phase.state_dict() for name, phase in self.phases.items()}
+        from phasetrain.checkpoint import plain  # torch: only a run that checkpoints needs it
+        return {name: plain(phase.state_dict(), f"phase {name!r} state_dict()") for name, phase in self.phases.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, phase_state in state.items():
@@ -202,5 +215,5 @@ def build_graph(config: RunConfig, has_eval_data: bool = True) -> PhaseGraph:
                                   f"named {phase.name!r}")
             graph.replace_phase(phase)
         else:
-            graph.add_phase(phase, spec.after or "eval_epoch", when if when is not None else phase.when, spec.then)
+            graph.add_phase(phase, spec.after or "eval_epoch", when, spec.then)
     return graph

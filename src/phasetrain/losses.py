@@ -57,6 +57,7 @@ class TrainLoss:
         self.samples = 0
         self._read_sum, self._read_samples = 0.0, 0  # sum and samples at the last step record
         self.step_loss = torch.zeros((), device=device)
+        self._fed = False  # whether micro-batches were added since the last optimizer step
 
     def begin(self, epoch: int) -> None:
         """Start ``epoch``'s sums, unless they are already that epoch's (a resumed run continues them)."""
@@ -68,11 +69,19 @@ class TrainLoss:
         """One micro-batch's detached (undivided) loss."""
         self._sum.add(loss, batch_size)
         self.samples += batch_size
+        self._fed = True
         if group_size == 1:
             self.step_loss = loss
         else:
             part = loss / group_size
             self.step_loss = part if first_in_group else self.step_loss + part
+
+    def end_step(self, loss: torch.Tensor) -> None:
+        """Close an optimizer step. A loop that added no micro-batches (a ``train_epoch`` of your own)
+        counts the step's loss once, so its step records still carry a loss."""
+        if not self._fed:
+            self.add(loss.detach(), 1, 1, first_in_group=True)
+        self._fed = False
 
     def mean_since_last_read(self) -> float:
         """Mean loss of this process's samples since the previous call (one device sync)."""

@@ -15,7 +15,7 @@ from typing import Any
 from transitions import Machine, State
 
 from phasetrain.errors import GraphError
-from phasetrain.graph import EPOCH, FIRST, Edge, PhaseGraph
+from phasetrain.graph import EPOCH, FIRST, LAST, Edge, PhaseGraph
 from phasetrain.state import RunState
 
 EnterHook = Callable[[str, Edge | None], None]  # (phase, the edge taken into it; None when no edge was)
@@ -43,18 +43,27 @@ class Walker:
     def phase(self, name: str) -> None:
         self.state.phase = name
 
-    def next_phase(self) -> str:
-        """Leave the current phase by the first edge whose condition holds; returns the new phase."""
+    def next_phase(self) -> None:
+        """Leave the current phase by the first edge whose condition holds."""
         with _quiet_transitions():
             moved = self.advance()
         if not moved:
             raise GraphError(f"no edge out of phase {self.state.phase!r} could be taken")
-        return self.state.phase
+
+    def start(self) -> None:
+        """Enter the phase the state is in, where the walk starts: a fresh run's setup, or the phase a
+        resume re-enters. The machine fires no enter for it, and no epoch starts again."""
+        self._on_enter(self.state.phase, None)
 
     def entered(self, phase: str, edge: Edge | None) -> None:
-        self.state.phase_complete = False
+        state = self.state
+        state.phase_complete = False
         if phase == EPOCH:
-            self.state.start_epoch()
+            if state.finished:
+                raise GraphError(f"the walk entered {EPOCH} from {edge.source if edge else '?'} after the last epoch "
+                                 f"(epoch {state.epoch} of {state.epochs}{', stop requested' if state.stop_requested else ''}): "
+                                 f"an edge into {EPOCH} must come after a 'finished' edge to {LAST}")
+            state.start_epoch()
         self._on_enter(phase, edge)
 
     def exited(self, phase: str) -> None:

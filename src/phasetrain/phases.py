@@ -90,10 +90,8 @@ class CheckpointPhase(Phase):
     name = "checkpoint"
 
     def run(self, trainer: Trainer) -> None:
-        # Saving is this phase's whole work: the checkpoint records it as done, so a resume goes on to
-        # the next phase instead of writing the same checkpoint again.
-        trainer.state.phase_complete = True
-        trainer.save_checkpoint()
+        # Saving is this phase's whole work: a resume goes on to the next phase, not through it again.
+        trainer.save_checkpoint(phase_finished=True)
 
 
 class DonePhase(Phase):

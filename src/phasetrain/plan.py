@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from phasetrain.batches import RunData
 from phasetrain.config import RunConfig
 from phasetrain.errors import GraphError
-from phasetrain.graph import EPOCH, FIRST, LAST, Edge, build_graph
+from phasetrain.graph import EPOCH, LAST, Edge, build_graph
 from phasetrain.machine import PhaseMachine
 from phasetrain.render import edge_label
-from phasetrain.run_folder import run_position
+from phasetrain.run_folder import RunFolder
 from phasetrain.state import RunState
 
 
@@ -32,7 +32,7 @@ class PlannedEpoch:
 def plan(machine: PhaseMachine, epochs: int, steps_per_epoch: int | None) -> list[PlannedEpoch]:
     """Walk ``machine`` from setup to done over a simulated run; one entry per epoch (epoch 0 holds setup)."""
     state = RunState(epochs=epochs)
-    walk = [PlannedEpoch(0, 0, 0, [(FIRST, "")])]
+    walk = [PlannedEpoch(0, 0, 0)]
 
     def entered(phase: str, edge: Edge | None) -> None:
         if phase == EPOCH:
@@ -41,6 +41,7 @@ def plan(machine: PhaseMachine, epochs: int, steps_per_epoch: int | None) -> lis
 
     walker = machine.walker(state, entered, lambda phase: None)
     try:
+        walker.start()
         for _ in range(100_000):  # a valid graph reaches done; this only guards a broken condition
             if state.phase == LAST:
                 return walk
@@ -55,13 +56,13 @@ def plan(machine: PhaseMachine, epochs: int, steps_per_epoch: int | None) -> lis
 def plan_source(source: pathlib.Path, overrides: list[str]) -> str:
     """The plan of a config file, or of a run folder's ``config.yaml`` (with where that run stopped)."""
     from phasetrain.components import build_datasets
-    run_dir = source if source.is_dir() else None
-    config = RunConfig.from_file(run_dir / "config.yaml" if run_dir else source, overrides=overrides)
+    folder = RunFolder(source) if source.is_dir() else None
+    config = RunConfig.from_file(folder.config_file if folder else source, overrides=overrides)
     data = RunData(build_datasets(config), config.train, config.seed) if config.data is not None else None
     machine = PhaseMachine(build_graph(config, has_eval_data=data is None or data.eval is not None))
     steps = data.steps_per_epoch if data is not None else None
     text = format_plan(plan(machine, config.train.epochs, steps), str(source), config.train.epochs, steps)
-    return text + ("\n" + run_position(run_dir) if run_dir else "")
+    return text + ("\n" + folder.describe_position() if folder else "")
 
 
 def format_plan(walk: list[PlannedEpoch], source: str, epochs: int, steps: int | None) -> str:

@@ -7,11 +7,12 @@ import subprocess
 
 from phasetrain.errors import PhasetrainError
 from phasetrain.graph import FIRST, LAST, Edge, PhaseGraph
+from phasetrain.phases import default_phases
 from phasetrain.run_folder import atomic_path
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 SUFFIXES = {".mmd": "mermaid", ".mermaid": "mermaid", ".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
-BUILT_IN = ("setup", "train_epoch", "eval_epoch", "checkpoint", "done")
+BUILT_IN = frozenset(phase.name for phase in default_phases())
 
 
 class RenderError(PhasetrainError):

@@ -12,8 +12,9 @@ class RunState:
     ``phase`` is the phase the run is in; only the phase machine moves it (see ``phasetrain.machine``).
     ``epoch`` is 1-based: the epoch being trained or just finished (0 before the first).
     ``optimizer_step`` counts optimizer updates over the whole run; ``epoch_start_step`` is its value
-    when the current epoch started. ``batch_in_epoch`` counts the micro-batches this process consumed in
-    the current epoch; ``micro_step`` is the position inside the current gradient-accumulation group.
+    when the current epoch started. ``batch_in_epoch`` counts the micro-batches this process finished in
+    the current epoch; ``micro_step`` counts the micro-batches of the current optimizer step begun so
+    far (0 between steps: the only moments a checkpoint may be taken).
     ``resumed`` is True while a resumed run is still in the phase its checkpoint was taken in.
     """
 

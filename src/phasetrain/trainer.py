@@ -117,8 +117,7 @@ class Trainer(TrainerSteps):
 
             trainer.add_phase(TestPhase(test_set, every=2), after="eval_epoch")
         """
-        self._change_graph(phase, lambda graph: graph.add_phase(phase, after, when if when is not None else phase.when,
-                                                                  then))
+        self._change_graph(phase, lambda graph: graph.add_phase(phase, after, when, then))
 
     def replace_phase(self, phase: Phase) -> None:
         """Put ``phase`` in place of the phase of the same name, built-in or not; its edges stay."""
@@ -198,9 +197,7 @@ class Trainer(TrainerSteps):
         try:
             self.training_run_start()
             self.callbacks.fire("on_run_start", self)
-            # The machine fires no enter for where a walk starts: a fresh run's setup, or the phase a
-            # resume re-enters (without starting an epoch again), so its enter and exit hooks pair up.
-            self._entered(self.state.phase, None)
+            walker.start()  # a resumed run re-enters its phase: its enter and exit hooks pair up
             while True:
                 if not self.state.phase_complete:
                     self.machine.graph.phases[self.state.phase].run(self)
@@ -231,8 +228,14 @@ class Trainer(TrainerSteps):
         self.callbacks.fire("on_log", self, {"phase": state.phase, "epoch": state.epoch,
                                              "step": state.optimizer_step, "kind": kind, **metrics})
 
-    def save_checkpoint(self) -> pathlib.Path:
-        """Write a checkpoint of the whole run now (at an optimizer-step boundary); returns its folder."""
+    def save_checkpoint(self, phase_finished: bool = False) -> pathlib.Path:
+        """Write a checkpoint of the whole run now (at an optimizer-step boundary); returns its folder.
+
+        A resume from it runs the current phase again from its start, unless ``phase_finished``: a phase
+        that saves as its last act says so, and a resume goes on to the next phase instead.
+        """
+        if phase_finished:
+            self.state.phase_complete = True
         return self._checkpoints.save(self.state, self._to_save(), self._per_process(),
                                       {"config": self.config.to_dict(), "monitor": self._monitor.value_now(self.state)})
 
@@ -267,11 +270,14 @@ class Trainer(TrainerSteps):
         self.model.train()
         self._train_loss.begin(state.epoch)
         self.train_epoch_start()
-        for batch in self.data.train_batches(state.epoch, skip=state.batch_in_epoch):
+        # A stop requested at the step a checkpoint was taken at ends a resumed epoch there, as it did then.
+        batches = () if state.stop_requested else self.data.train_batches(state.epoch, skip=state.batch_in_epoch)
+        for batch in batches:
             group_size = accumulation.group_size(state.batch_in_epoch)  # the epoch's last group may be short
-            last = state.micro_step + 1 == group_size
             if state.micro_step == 0:
                 self.callbacks.fire("on_train_step_start", self)
+            state.micro_step += 1  # counted before the forward: a checkpoint from now to the step is refused
+            last = state.micro_step == group_size
             batch = self.data.to_device(batch)
             with self._gradient_sync(last):  # DDP all-reduces in backward: only on a step's last micro-batch
                 output = self.calculate_train_batch_loss(batch)
@@ -279,9 +285,8 @@ class Trainer(TrainerSteps):
                 self.callbacks.fire("on_before_backward", self, loss)
                 self.backward_step(loss)
                 self.callbacks.fire("on_after_backward", self)
-            self._train_loss.add(output["loss"].detach(), int(output["batch_size"]), group_size, state.micro_step == 0)
+            self._train_loss.add(output["loss"].detach(), int(output["batch_size"]), group_size, state.micro_step == 1)
             state.batch_in_epoch += 1
-            state.micro_step += 1
             if last:
                 self._update_weights()
                 if state.stop_requested:
@@ -306,6 +311,7 @@ class Trainer(TrainerSteps):
         state = self.state
         state.optimizer_step += 1
         state.micro_step = 0
+        self._train_loss.end_step(loss)
         self.callbacks.fire("on_train_step_end", self, loss)
         every = self.config.train.log_every_steps
         if every and state.optimizer_step % every == 0:  # a device sync, once per log_every_steps
