@@ -2,9 +2,10 @@
 
 Reading order: ``run()`` walks the phase graph (the machine, not the trainer, picks each next phase);
 the built-in phases are thin nodes that call ``setup_run()``, ``train_epoch()``, ``eval_epoch()``,
-``save_checkpoint()`` and ``finish_run()``; the epochs call the per-batch steps. Methods under
-"override points" are a few lines each and meant to be overridden. The others do the run's
-bookkeeping, and a subclass that overrides one of those gets a TypeError saying what to do instead.
+``save_checkpoint()`` and ``finish_run()``; the epochs call the per-batch steps. The override points
+(the steps, the epoch start/end points, ``train_epoch``/``eval_epoch``) are a few lines each, most in
+``steps.py``. The methods in ``NOT_OVERRIDABLE`` do the run's bookkeeping, and a subclass that
+overrides one of those gets a TypeError saying what to do instead.
 
 Example::
 
