@@ -97,7 +97,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def final_state(run_dir: pathlib.Path) -> tuple[dict[str, torch.Tensor], Any]:
     last = max((run_dir / "checkpoints").glob("epoch006-*-checkpoint"))
-    return load_file(str(run_dir / "model.safetensors")), torch.load(last / "optimizer.pt", weights_only=True)
+    return load_file(str(run_dir / "model.safetensors")), torch.load(last / "state.pt", weights_only=True)["optimizer"]
 
 
 def assert_bitwise_equal(run_dir: pathlib.Path, reference: pathlib.Path) -> None:

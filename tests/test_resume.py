@@ -382,9 +382,9 @@ def test_corrupted_latest_falls_back_to_the_newest_intact_one(crashed_run: pathl
 
 
 def test_truncated_checkpoint_is_named(crashed_run: pathlib.Path) -> None:
-    optimizer_file = checkpoint_at(crashed_run, 12) / "optimizer.pt"
-    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"optimizer.pt is 100 bytes, manifest says \d+ \(truncated"):
+    state_file = checkpoint_at(crashed_run, 12) / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"state.pt is 100 bytes, manifest says \d+ \(truncated"):
         Trainer(crashed_config(crashed_run)).run(resume=checkpoint_at(crashed_run, 12))
 
 
@@ -429,9 +429,9 @@ def test_a_pickle_with_code_in_it_is_not_executed(crashed_run: pathlib.Path, tmp
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
     checkpoint = checkpoint_at(crashed_run, 12)
-    torch.save({"state": {}, "param_groups": [], "payload": Exploit()}, checkpoint / "optimizer.pt")
-    resign(checkpoint, "optimizer.pt")  # the checksum passes: the loader itself must refuse the code
-    with pytest.raises(CheckpointError, match="cannot load .*optimizer.pt as plain tensors and data"):
+    torch.save({"optimizer": {"state": {}, "param_groups": [], "payload": Exploit()}}, checkpoint / "state.pt")
+    resign(checkpoint, "state.pt")  # the checksum passes: the loader itself must refuse the code
+    with pytest.raises(CheckpointError, match="cannot load .*state.pt as plain tensors and data"):
         Trainer(crashed_config(crashed_run)).run(resume=checkpoint)
     assert not marker.exists()
 

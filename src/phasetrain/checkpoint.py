@@ -1,7 +1,8 @@
 """Checkpoints: save what a ``to_save`` mapping names, find an intact checkpoint, load it back exactly.
 
 ``to_save`` maps names to objects (as Ignite's ``to_save``): an ``nn.Module`` is written as
-``<name>.safetensors``, anything else with ``state_dict()`` as ``<name>.pt``, and None is skipped.
+``<name>.safetensors``, the ``state_dict()`` of everything else into ``state.pt`` under its name, and
+None is skipped.
 ``per_process`` objects (RNG streams, a process's running loss) are written by every process into
 ``process-<rank>.pt``. ``state.json`` holds the ``RunState``, the format and phasetrain versions, which
 parameters require grad, and the caller's metadata (config, monitored value). A checkpoint folder
@@ -10,6 +11,7 @@ parameters require grad, and the caller's metadata (config, monitored value). A 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -46,9 +48,10 @@ class Checkpoints:
                 "started): its gradients are not saved, so the resume would not be exact; save at an "
                 "optimizer-step boundary (on_train_step_end)")
         process = self.process
-        # State dicts are taken (and checked) before anything is written: a bad one leaves no trace.
-        process_states = plain({name: obj.state_dict() for name, obj in per_process.items()}, "per-process state")
-        states = {name: obj if isinstance(obj, torch.nn.Module) else plain(obj.state_dict(), f"{name} state")
+        # State dicts are taken before anything is written: one that fails (callbacks and phases check
+        # theirs for plain data) leaves no trace.
+        process_states = {name: obj.state_dict() for name, obj in per_process.items()}
+        states = {name: obj if isinstance(obj, torch.nn.Module) else obj.state_dict()
                   for name, obj in to_save.items() if obj is not None} if process.is_main_process else {}
         final = self.folder / f"epoch{state.epoch:03d}-step{state.optimizer_step:07d}-{state.phase}"
         tmp = self.folder / f".tmp-{final.name}"
@@ -61,7 +64,8 @@ class Checkpoints:
         process.wait_for_everyone()
         if process.is_main_process:
             try:
-                seal(tmp, [*self._write(tmp, state, states, metadata), *sorted(tmp.glob("process-*.pt"))])
+                # A generator: each file is hashed and fsynced while the next one is written.
+                seal(tmp, itertools.chain(self._write(tmp, state, states, metadata), sorted(tmp.glob("process-*.pt"))))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk, say) leaves no half folder
                 raise
@@ -72,18 +76,20 @@ class Checkpoints:
 
     def _write(self, tmp: pathlib.Path, state: RunState, states: Mapping[str, Any],
                metadata: Mapping[str, Any]) -> Iterator[pathlib.Path]:
-        """Write the main process's files, yielding each path once it is closed."""
+        """Write the main process's files, yielding each path once it is closed. Every state dict goes into
+        one ``state.pt``, written first: one fsync for all of them (each file's costs ~10 ms here), and
+        it overlaps writing the weights."""
         from safetensors.torch import save_model
+        torch.save({name: value for name, value in states.items() if not isinstance(value, torch.nn.Module)},
+                   tmp / "state.pt")
+        yield tmp / "state.pt"
         requires_grad: dict[str, dict[str, bool]] = {}
-        for name, value in states.items():
-            if isinstance(value, torch.nn.Module):
-                save_model(value, str(tmp / f"{name}.safetensors"))
+        for name, module in states.items():
+            if isinstance(module, torch.nn.Module):
+                save_model(module, str(tmp / f"{name}.safetensors"))
                 # Frozen/unfrozen parameters are model state that state_dict() leaves out.
-                requires_grad[name] = {key: p.requires_grad for key, p in value.named_parameters()}
+                requires_grad[name] = {key: p.requires_grad for key, p in module.named_parameters()}
                 yield tmp / f"{name}.safetensors"
-            else:
-                torch.save(value, tmp / f"{name}.pt")
-                yield tmp / f"{name}.pt"
         from phasetrain import __version__
         contents = {"format_version": FORMAT_VERSION, "phasetrain_version": __version__, "state": state.to_dict(),
                     "processes": self.process.num_processes, "requires_grad": requires_grad, **metadata}
@@ -153,11 +159,12 @@ class Checkpoints:
     def load(self, path: pathlib.Path, to_load: Mapping[str, Any], per_process: Mapping[str, Any]) -> RunState:
         """Restore every object of ``to_load`` and ``per_process`` from ``path``; returns the saved run state."""
         saved = metadata(path)
+        states = _load(path / "state.pt")
         for name, obj in to_load.items():
             if isinstance(obj, torch.nn.Module):
                 _load_module(obj, path / f"{name}.safetensors", saved["requires_grad"].get(name, {}))
-            elif obj is not None and (path / f"{name}.pt").exists():
-                obj.load_state_dict(_load(path / f"{name}.pt"))
+            elif obj is not None and name in states:
+                obj.load_state_dict(states[name])
         process_file = path / f"process-{self.process.process_index}.pt"
         if saved["processes"] != self.process.num_processes or not process_file.exists():
             warnings.warn(f"resume is not exact: checkpoint was written by {saved['processes']} processes, "
