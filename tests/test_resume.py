@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -43,6 +44,21 @@ class CrashAt(Callback):
 
 def weights(trainer: Trainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
+
+
+def crash_then_resume(trainer_for: Callable[..., Trainer], crash: Callback
+                      ) -> tuple[Trainer, Trainer, tuple[str, int, int, bool] | None]:
+    """Run ``trainer_for("a")`` through, ``trainer_for("b", crash)`` until it crashes, then resume "b" in a
+    new trainer: returns the reference, the resumed trainer and the (phase, epoch, step, resumed) it
+    started at."""
+    reference = trainer_for("a")
+    reference.run()
+    with pytest.raises(Crash):
+        trainer_for("b", crash).run()
+    point = ResumePoint()
+    resumed = trainer_for("b", point)
+    resumed.run(resume="latest")
+    return reference, resumed, point.at
 
 
 def resume(config: Any, **kwargs: Any) -> tuple[Trainer, tuple[str, int, int, bool] | None]:
@@ -196,14 +212,8 @@ def test_resume_restores_which_parameters_a_phase_unfroze(tmp_path: pathlib.Path
         trainer.add_phase(Unfreeze(), after="train_epoch")
         return trainer
 
-    reference = trainer_for("a")
-    reference.run()
-    with pytest.raises(Crash):
-        trainer_for("b", CrashAt(step=55)).run()
-    point = ResumePoint()
-    resumed = trainer_for("b", point)
-    resumed.run(resume="latest")
-    assert point.at == ("train_epoch", 2, 50, True)
+    reference, resumed, at = crash_then_resume(trainer_for, CrashAt(step=55))
+    assert at == ("train_epoch", 2, 50, True)
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
 
 
@@ -259,15 +269,10 @@ def test_a_custom_phase_keeps_its_state_across_a_resume(tmp_path: pathlib.Path) 
         trainer.add_phase(Visits(), after="eval_epoch")
         return trainer
 
-    reference = trainer_for("a").run()
-    with pytest.raises(Crash):
-        trainer_for("b", CrashAt(step=100)).run()
-    point = ResumePoint()
-    resumed = trainer_for("b", point)
-    resumed.run(resume="latest")
-    assert point.at == ("train_epoch", 3, 90, True)
-    assert resumed.run_history.get_metric_values("visits/runs") == reference.get_metric_values("visits/runs") == [
-        1.0, 2.0, 3.0, 4.0]
+    reference, resumed, at = crash_then_resume(trainer_for, CrashAt(step=100))
+    assert at == ("train_epoch", 3, 90, True)
+    assert resumed.run_history.get_metric_values("visits/runs") == [1.0, 2.0, 3.0, 4.0]
+    assert resumed.run_history.state_dict() == reference.run_history.state_dict()
 
 
 class StopAt(Callback):
@@ -318,14 +323,8 @@ def test_a_phase_that_saves_as_its_last_act_is_not_run_again_on_resume(tmp_path:
         trainer.add_phase(PerturbThenSave(), after="train_epoch")
         return trainer
 
-    reference = trainer_for("a")
-    reference.run()
-    with pytest.raises(Crash):
-        trainer_for("b", CrashAt(epoch_start=2)).run()
-    point = ResumePoint()
-    resumed = trainer_for("b", point)
-    resumed.run(resume="latest")
-    assert point.at == ("perturb", 1, 40, True)
+    reference, resumed, at = crash_then_resume(trainer_for, CrashAt(epoch_start=2))
+    assert at == ("perturb", 1, 40, True)
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
 
 
