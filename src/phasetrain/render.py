@@ -1,6 +1,7 @@
 """Draw the phase graph: Mermaid and DOT text need nothing; SVG and PNG need Graphviz's ``dot`` program."""
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -35,6 +36,14 @@ def write(graph: PhaseGraph, path: pathlib.Path, fmt: str | None = None, highlig
     with atomic_path(path) as tmp:
         tmp.write_bytes(content.encode() if isinstance(content, str) else content)
     return path
+
+
+def draw(graph: PhaseGraph, path: str | os.PathLike[str] | None, fmt: str | None,
+         highlight: str | None) -> str | bytes | pathlib.Path:
+    """``render`` (Mermaid by default) without a path; ``write`` to ``path`` (returning it) with one."""
+    if path is None:
+        return render(graph, fmt or "mermaid", highlight)
+    return write(graph, pathlib.Path(path), fmt, highlight)
 
 
 def format_of(path: pathlib.Path) -> str:

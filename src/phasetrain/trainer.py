@@ -91,7 +91,8 @@ class Trainer(TrainerSteps):
         self.callbacks = self._callback_list(with_callbacks(
             self.default_callbacks(), parts.callbacks + list(callbacks or []), self.default_callbacks()))
         if cfg.checkpoint.keep_best:
-            warn_if_never_logged(cfg.checkpoint.monitor, self._record_prefixes(), self.metrics)
+            records = [phase.records for phase in self.machine.graph.phases.values()]
+            warn_if_never_logged(cfg.checkpoint.monitor, records, self.metrics)
         self._checkpoints = Checkpoints(self.run_folder.checkpoints, cfg.checkpoint, accelerator)
         self._signals = StopSignals(accelerator)
         self._train_loss = TrainLoss(accelerator.device)
@@ -136,11 +137,8 @@ class Trainer(TrainerSteps):
         """The phase graph as a diagram: ``render_graph()`` / ``render_graph(format="dot")`` return Mermaid /
         DOT text; ``render_graph("loop.svg")`` or ``.png`` writes an image through Graphviz's ``dot`` and
         returns the path. Once the run has started, the current phase is highlighted."""
-        from phasetrain import render
-        highlight = highlight or (self.state.phase if self._started else None)
-        if path is not None:
-            return render.write(self.machine.graph, pathlib.Path(path), format, highlight)
-        return render.render(self.machine.graph, format or "mermaid", highlight)
+        from phasetrain.render import draw
+        return draw(self.machine.graph, path, format, highlight or (self.state.phase if self._started else None))
 
     def _change_graph(self, phase: Phase, change: Any) -> None:
         if self._started:
@@ -158,9 +156,6 @@ class Trainer(TrainerSteps):
 
     def _user_callbacks(self) -> list[Callback]:
         return [cb for cb in self.callbacks if cb not in self._bookkeeping]
-
-    def _record_prefixes(self) -> list[str | None]:
-        return [phase.records for phase in self.machine.graph.phases.values()]
 
     # ---- the run ------------------------------------------------------------------------------------
     def run(self, resume: str | os.PathLike[str] | None = None) -> RunHistory:
