@@ -88,8 +88,8 @@ class Trainer(TrainerSteps):
             phase.check(self)
         self._monitor = MonitorValue(cfg.checkpoint.monitor)
         self._bookkeeping = bookkeeping_callbacks(self._monitor, parts.scheduler)
-        self.callbacks = self._callback_list(with_callbacks(
-            self.default_callbacks(), parts.callbacks + list(callbacks or []), self.default_callbacks()))
+        defaults = self.default_callbacks()
+        self.callbacks = self._callback_list(with_callbacks(defaults, parts.callbacks + list(callbacks or []), defaults))
         if cfg.checkpoint.keep_best:
             records = [phase.records for phase in self.machine.graph.phases.values()]
             warn_if_never_logged(cfg.checkpoint.monitor, records, self.metrics)
