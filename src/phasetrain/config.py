@@ -10,25 +10,51 @@ Example::
 """
 from __future__ import annotations
 
+import datetime
 import difflib
 import importlib
 import json
 import pathlib
 import sys
+import typing
+from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from phasetrain.config_files import DuplicateKey, load_yaml, one_line, read_config_file
 from phasetrain.errors import ConfigError
 
 #: What error messages name as the config's source: the file or "config" while loading, else "RunConfig".
 _SOURCE: ContextVar[str] = ContextVar("config_source", default="RunConfig")
 
+#: The largest seed: accelerate's ``set_seed`` seeds numpy too, which takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+#: The error type of a run_dir that YAML read as a number or a boolean (its message shows the value).
+_LOST_TEXT = "run_dir_lost_text"
+
 
 class Section(BaseModel):
-    """A config section: unknown keys refused, assignments validated, a bad assignment a ConfigError."""
+    """A config section: unknown keys refused, assignments validated, a bad assignment a ConfigError.
+
+    Number and boolean fields are strict (``StrictInt``, ``StrictBool``, ``StrictFloat``): pydantic's lax
+    mode would read ``epochs: true`` as 1, ``overwrite: 1`` as true and a quoted ``"3"`` as 3, so a typo
+    would train something other than what the config says. A float field still takes a whole number.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -109,18 +135,20 @@ class PhaseSpec(ImportSpec):
 class TrainConfig(Section):
     """How the train and eval epochs run. ``batch_size`` is per device (per process)."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1, description="per device")
-    eval_batch_size: int | None = Field(None, ge=1, description="per device; defaults to batch_size")
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_grad_norm: float | None = Field(None, gt=0, description="clip gradients to this total norm")
+    epochs: StrictInt = Field(10, ge=1)
+    batch_size: StrictInt = Field(32, ge=1, description="per device")
+    eval_batch_size: StrictInt | None = Field(None, ge=1, description="per device; defaults to batch_size")
+    grad_accum_steps: StrictInt = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: StrictFloat | None = Field(None, gt=0, description="clip gradients to this total norm")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    num_workers: int = Field(0, ge=0)
-    eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and after the last epoch)")
-    shuffle: bool = True
-    drop_last: bool = False
-    log_every_steps: int = Field(50, ge=0, description="log train/loss every N optimizer steps; 0 = per epoch only")
-    progress_bar: bool = True
+    num_workers: StrictInt = Field(0, ge=0)
+    eval_every: StrictInt = Field(1, ge=1, description="evaluate every N epochs (and after the last epoch)")
+    shuffle: StrictBool = True
+    drop_last: StrictBool = False
+    log_every_steps: StrictInt = Field(50, ge=0, description="log train/loss every N optimizer steps; 0 = per epoch only")
+    progress_bar: StrictBool = True
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf training loss: stop the run (the last checkpoint kept), or skip that step")
 
     @property
     def resolved_eval_batch_size(self) -> int:
@@ -130,10 +158,10 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     """When checkpoints are taken and which are kept."""
 
-    every_epochs: int = Field(1, ge=0, description="checkpoint every N epochs (and after the last); 0 = never")
-    every_steps: int | None = Field(None, ge=1, description="also checkpoint every N optimizer steps mid-epoch")
-    keep_last: int = Field(2, ge=0)
-    keep_best: int = Field(1, ge=0)
+    every_epochs: StrictInt = Field(1, ge=0, description="checkpoint every N epochs (and after the last); 0 = never")
+    every_steps: StrictInt | None = Field(None, ge=1, description="also checkpoint every N optimizer steps mid-epoch")
+    keep_last: StrictInt = Field(2, ge=0)
+    keep_best: StrictInt = Field(1, ge=0)
     monitor: str = Field("eval/loss", description="metric that ranks checkpoints for keep_best")
     mode: Literal["min", "max"] = "min"
 
@@ -142,8 +170,8 @@ class RunConfig(Section):
     """Everything a run needs; written to ``RUN_DIR/config.yaml`` so the folder alone can repeat the run."""
 
     run_dir: pathlib.Path = Field(pathlib.Path("runs/run"), description="where config, metrics and weights go")
-    seed: int = 0
-    overwrite: bool = Field(False, description="replace a run_dir that already holds a run")
+    seed: StrictInt = Field(0, description=f"0 .. {MAX_SEED}, what numpy's seeding accepts")
+    overwrite: StrictBool = Field(False, description="replace a run_dir that already holds a run")
     model: ImportSpec | None = None
     data: ImportSpec | None = Field(None, description="returns {'train': ds, 'eval': ds, 'test'?: ds}")
     loss: ImportSpec | None = None
@@ -154,6 +182,30 @@ class RunConfig(Section):
     phases: list[PhaseSpec] = Field(default_factory=list, description="custom phases added to the graph")
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_numpy_accepts(cls, seed: int) -> int:
+        # Refused here, not when set_seed fails after the run folder and the components are built.
+        if not 0 <= seed <= MAX_SEED:
+            raise PydanticCustomError("seed_range", "expected a whole number from 0 to {max} (2**32 - 1), the seeds "
+                                      "numpy accepts", {"max": MAX_SEED})
+        return seed
+
+    @field_validator("run_dir", mode="before")
+    @classmethod
+    def _folder_name_as_written(cls, value: Any) -> Any:
+        # YAML reads an unquoted `2024-01-01` as a date and `007` as the int 7. A date gives its text back:
+        # YAML makes a date only of the exact form YYYY-MM-DD, which str() writes again (from_dict's copy
+        # has made it, and any datetime, a str() before this runs). A number or a boolean may have been
+        # written several ways (007, 7, 0o7; yes, true), so ask for quotes.
+        if isinstance(value, datetime.date):
+            return str(value)
+        if isinstance(value, int | float):  # bool is an int
+            raise PydanticCustomError(_LOST_TEXT, "a folder name must be a string, not the {kind} {value} (unquoted "
+                                      'in YAML, 007 and 7 both read as 7): quote it, as in run_dir: "007"',
+                                      {"kind": type(value).__name__, "value": str(value)})
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -196,13 +248,9 @@ class RunConfig(Section):
         """Load a ``.yaml``/``.yml``/``.json`` config; relative ``run_dir`` stays relative to the working folder."""
         path = pathlib.Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
-        return cls.from_dict(data or {}, overrides, source=str(path))
+            state = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {state}: expected a YAML or JSON run config")
+        return cls.from_dict(read_config_file(path) or {}, overrides, source=str(path))
 
     def with_overrides(self, overrides: list[str]) -> RunConfig:
         """A copy with dotted ``key=value`` overrides applied and validated."""
@@ -215,13 +263,19 @@ class RunConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# ---- overrides: a path is taken as written -------------------------------------------------------
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars/lists/maps."""
-    result = json.loads(json.dumps(data, default=str))  # deep copy of plain data
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars/lists/maps,
+    except for path keys (``run_dir``), whose value is the text as written."""
+    result = json.loads(json.dumps(data, default=_plain))  # deep copy of plain data
+    given: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected 'dotted.key=value', e.g. 'train.epochs=3'")
+        if key.strip() in given:  # as in a config file: a key given twice is a mistake, not "the last wins"
+            raise ConfigError(f"override {item!r}: {key.strip()} is given twice; give it once")
+        given.add(key.strip())
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -231,11 +285,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        node[parts[-1]] = _override_value(item, parts, raw)
     return result
+
+
+def _plain(value: Any) -> Any:
+    # A numpy or torch scalar (a sweep's np.int64 seed) keeps its number: as text it would be refused.
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return str(value)
+
+
+def _override_value(item: str, key: list[str], raw: str) -> Any:
+    if not raw.strip():
+        return None
+    if _is_path(key):  # as YAML, run_dir=007 would be the int 7 and run_dir=2024-01-01 a date
+        return raw.strip()
+    try:
+        return load_yaml(raw)
+    except DuplicateKey as exc:
+        raise ConfigError(exc.located(f"override {item!r}")) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {one_line(exc)}") from None
+
+
+def _is_path(key: Sequence[str]) -> bool:
+    section = _section_at(key[:-1], RunConfig)
+    field = section.model_fields.get(key[-1]) if section else None
+    return field is not None and pathlib.Path in (field.annotation, *typing.get_args(field.annotation))
 
 
 def describe_validation_error(exc: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
@@ -247,18 +324,51 @@ def describe_validation_error(exc: ValidationError, source: str, root: type[Base
             lines.append(f"{loc}: unknown key{_did_you_mean(err['loc'], root or RunConfig)}")
         else:
             got = err.get("input")
-            shown = "" if isinstance(got, dict | list) or err["type"] == "value_error" else f" (got {got!r})"
-            lines.append(f"{loc}: {err['msg']}{shown}")
+            shown = "" if isinstance(got, dict | list) or err["type"] in _NAMES_ITS_INPUT else f" (got {got!r})"
+            lines.append(f"{loc}: {err['msg']}{shown}{_strict_hint(err['type'], got)}")
     head = f"{source}: invalid config" if len(lines) > 1 else f"{source}: invalid config:"
     return head + (" " + lines[0] if len(lines) == 1 else "".join(f"\n  {line}" for line in lines))
 
 
-def _did_you_mean(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
+#: Error types whose message shows the value already.
+_NAMES_ITS_INPUT = {"value_error", _LOST_TEXT}
+
+#: By pydantic error type, what a quoted value must read as for "remove the quotes" to be the fix.
+_STRICT_TYPES: dict[str, tuple[type, ...]] = {"int_type": (int,), "float_type": (int, float), "bool_type": (bool,)}
+
+
+def _strict_hint(error_type: str, got: Any) -> str:
+    """For a strict field given the wrong kind of value: why it is refused, and how to write it."""
+    expected = _STRICT_TYPES.get(error_type)
+    if expected is None:
+        return ""
+    if isinstance(got, bool) and error_type != "bool_type":
+        return ": a boolean is not a number"
+    if isinstance(got, str) and _reads_as(got, expected, bool_wanted=error_type == "bool_type"):
+        return ": remove the quotes"
+    return ": write true or false" if error_type == "bool_type" else ""
+
+
+def _reads_as(text: str, expected: tuple[type, ...], bool_wanted: bool) -> bool:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(value, expected) and isinstance(value, bool) == bool_wanted
+
+
+def _section_at(loc: Sequence[Any], root: type[BaseModel]) -> type[BaseModel] | None:
+    """The section the keys ``loc`` lead to from ``root``; None where they lead into a plain value."""
     section: type[BaseModel] | None = root
-    for part in loc[:-1]:
+    for part in loc:
         field = section.model_fields.get(str(part)) if section else None
         ann = field.annotation if field else None
         section = next((t for t in (ann, *getattr(ann, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return section
+
+
+def _did_you_mean(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
+    section = _section_at(loc[:-1], root)
     if section is None:
         return ""
     known = list(section.model_fields)
@@ -268,7 +378,11 @@ def _did_you_mean(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
 
 
 def ensure_importable_cwd() -> None:
-    """Make ``examples.digits:...`` style targets importable when running from a project folder."""
+    """Make ``examples.digits:...`` style targets importable when running from a project folder.
+
+    Appended, not put first: a folder in the working directory named like an installed package (a
+    ``torchmetrics/`` of notes, say) must not shadow that package; project modules are found all the same.
+    """
     cwd = str(pathlib.Path.cwd())
     if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
