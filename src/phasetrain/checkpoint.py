@@ -8,9 +8,14 @@ None is skipped.
 parameters require grad, and the caller's metadata (config, monitored value). A checkpoint folder
 ``RUN_DIR/checkpoints/epoch003-step0000120-checkpoint/`` is named by epoch, optimizer step and phase.
 ``.pt`` files are read with ``torch.load(weights_only=True)``: loading a checkpoint cannot execute code.
+
+A checkpoint is *corrupt* (CorruptCheckpoint) when its files are not what was written; ``resume("latest")``
+then falls back to the newest intact one. One that is intact but does not fit the run (another model,
+another format version) is refused at once: an older checkpoint of the run would not fit either.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -18,17 +23,22 @@ import pathlib
 import shutil
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
-from phasetrain.checkpoint_files import publish, seal, verify
+from phasetrain.checkpoint_files import publish, seal, torch_save, verify, write_error
 from phasetrain.config import CheckpointConfig, RunConfig
-from phasetrain.errors import CheckpointError
+from phasetrain.errors import CheckpointError, CorruptCheckpoint
+from phasetrain.run_folder import follow_umask, read_latest
 from phasetrain.state import RunState
 
-FORMAT_VERSION = 2
+_T = TypeVar("_T")
+
+FORMAT_VERSION = 3  # 3: metrics records in the checkpoint (MetricsFile state)
 
 
 class Checkpoints:
@@ -58,17 +68,16 @@ class Checkpoints:
         if process.is_main_process:
             for stale in self.folder.glob(".tmp-*"):  # left by a crash inside an earlier write
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            with self._writing(tmp, final):
+                tmp.mkdir(parents=True)
         process.wait_for_everyone()
-        torch.save(process_states, tmp / f"process-{process.process_index}.pt")
+        with self._writing(tmp, final):
+            torch_save(process_states, tmp / f"process-{process.process_index}.pt")
         process.wait_for_everyone()
         if process.is_main_process:
-            try:
+            with self._writing(tmp, final):
                 # A generator: each file is hashed and fsynced while the next one is written.
                 seal(tmp, itertools.chain(self._write(tmp, state, states, metadata), sorted(tmp.glob("process-*.pt"))))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk, say) leaves no half folder
-                raise
             publish(tmp, final)
             self._apply_retention(final.name)
         process.wait_for_everyone()
@@ -80,13 +89,14 @@ class Checkpoints:
         one ``state.pt``, written first: one fsync for all of them (each file's costs ~10 ms here), and
         it overlaps writing the weights."""
         from safetensors.torch import save_model
-        torch.save({name: value for name, value in states.items() if not isinstance(value, torch.nn.Module)},
+        torch_save({name: value for name, value in states.items() if not isinstance(value, torch.nn.Module)},
                    tmp / "state.pt")
         yield tmp / "state.pt"
         requires_grad: dict[str, dict[str, bool]] = {}
         for name, module in states.items():
             if isinstance(module, torch.nn.Module):
                 save_model(module, str(tmp / f"{name}.safetensors"))
+                follow_umask(tmp / f"{name}.safetensors")
                 # Frozen/unfrozen parameters are model state that state_dict() leaves out.
                 requires_grad[name] = {key: p.requires_grad for key, p in module.named_parameters()}
                 yield tmp / f"{name}.safetensors"
@@ -95,6 +105,26 @@ class Checkpoints:
                     "processes": self.process.num_processes, "requires_grad": requires_grad, **metadata}
         (tmp / "state.json").write_text(json.dumps(contents, indent=1))
         yield tmp / "state.json"
+
+    @contextmanager
+    def _writing(self, tmp: pathlib.Path, final: pathlib.Path) -> Iterator[None]:
+        """Remove the half-written ``tmp`` on any failure; a failed write (a full disk, a file size limit, a
+        read-only file system) becomes one line that says which checkpoint is still intact."""
+        try:
+            yield
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = write_error(exc)
+            if error is None:
+                raise
+            raise CheckpointError(self._write_failed(error, final)) from exc
+
+    def _write_failed(self, error: OSError, final: pathlib.Path) -> str:
+        reason = error.strerror or str(error)
+        previous = self._latest()
+        intact = f"{previous.name} is intact" if previous else "no checkpoint was written before"
+        advice = "free space and resume" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that and resume"
+        return f"{reason[:1].lower()}{reason[1:]} writing {final}; {intact} ({advice})"
 
     def _apply_retention(self, newest: str) -> None:
         """Keep the ``keep_last`` newest and the ``keep_best`` best by the monitored value; delete the rest."""
@@ -120,87 +150,178 @@ class Checkpoints:
         found += [p for p in self.folder.glob(".old-*") if not (self.folder / p.name[5:]).exists()]
         return sorted(found, key=lambda p: (_step_of(p), p.stat().st_mtime_ns))
 
-    def find(self, which: str | os.PathLike[str]) -> pathlib.Path:
-        """``"latest"`` (falling back to the newest intact one, with a warning) or a checkpoint path."""
+    def find(self, which: str | os.PathLike[str], *, from_other_run: bool = False) -> pathlib.Path:
+        """``"latest"`` (falling back to the newest intact one, with a warning), a checkpoint folder, or the
+        name of one in this folder; see ``resume`` for ``from_other_run``."""
+        return self._first_intact(which, from_other_run, intact)[0]
+
+    def _first_intact(self, which: str | os.PathLike[str], from_other_run: bool,
+                      open_: Callable[[pathlib.Path], _T]) -> tuple[pathlib.Path, _T]:
+        """The first candidate for ``which`` that ``open_`` opens, and what it returned. For ``"latest"`` a
+        corrupt candidate is skipped with a warning; a checkpoint asked for by name or path is not."""
         if str(which) != "latest":
-            path = pathlib.Path(which)
-            if not path.is_dir():
-                raise CheckpointError(f"checkpoint {str(path)!r} does not exist (expected a checkpoint folder)")
-            verify(path)
-            return path
-        pointer = self.folder / "latest"
-        named = self.folder / pointer.read_text().strip() if pointer.is_file() else None
-        for candidate in ([named] if named and named.exists() else []) + [c for c in reversed(self.all()) if c != named]:
+            path = self._asked_for(which, from_other_run)
+            return path, open_(path)
+        named = self._latest_pointer()
+        for candidate in ([named] if named and named.is_dir() else []) + [c for c in reversed(self.all()) if c != named]:
             try:
-                verify(candidate)
-            except CheckpointError as exc:
-                warnings.warn(f"skipping checkpoint: {exc}", stacklevel=3)
+                opened = open_(candidate)
+            except CorruptCheckpoint as exc:
+                warnings.warn(f"skipping checkpoint: {exc}", stacklevel=5)
                 continue
             if candidate != named:
                 warnings.warn(f"resuming from {candidate.name}, the newest intact checkpoint "
-                              f"(latest pointed to {named.name if named else 'nothing'})", stacklevel=3)
-            return candidate
+                              f"(latest pointed to {named.name if named else 'nothing'})", stacklevel=5)
+            return candidate, opened
         raise CheckpointError(f"no intact checkpoint in {self.folder} to resume from")
+
+    def _latest_pointer(self) -> pathlib.Path | None:
+        """The checkpoint ``latest`` names (which may have been deleted since)."""
+        return read_latest(self.folder)
+
+    def _latest(self) -> pathlib.Path | None:
+        """The checkpoint a resume would start from: the one ``latest`` names, else the newest."""
+        named, newest = self._latest_pointer(), self.all()
+        return named if named and named.is_dir() else (newest[-1] if newest else None)
+
+    def _asked_for(self, which: str | os.PathLike[str], from_other_run: bool) -> pathlib.Path:
+        """The checkpoint folder ``which`` names: a path, or a name as ``checkpoints/latest`` stores it."""
+        path = pathlib.Path(which)
+        if len(path.parts) == 1 and (self.folder / path).is_dir():
+            path = self.folder / path
+        elif not path.is_dir():
+            names = ", ".join(c.name for c in self.all()) or "none yet"
+            raise CheckpointError(f"checkpoint {str(which)!r} does not exist: expected a checkpoint folder, or the "
+                                  f"name of one in {self.folder} ({names})")
+        if path.resolve().parent != self.folder.resolve() and not from_other_run:
+            # Resuming writes the other run's state into this folder: only on purpose.
+            raise CheckpointError(f"checkpoint {path} belongs to run folder {_run_folder_of(path)}, not "
+                                  f"{self.folder.parent}; to start this run from another run's checkpoint pass "
+                                  "from_other_run=True (CLI: --from-other-run)")
+        return path
 
     # ---- load ---------------------------------------------------------------------------------
     def resume(self, which: str | os.PathLike[str], config: RunConfig, to_load: Mapping[str, Any],
-               per_process: Mapping[str, Any]) -> tuple[pathlib.Path, RunState]:
-        """Find the checkpoint ``which`` names, warn when ``config`` differs from the one it was saved with,
-        and restore everything from it; returns its path and the saved run state, marked as resumed."""
-        path = self.find(which)
-        changed = config_changes(metadata(path)["config"], config.to_dict())
-        if changed:
-            warnings.warn(f"resuming with a config that differs from the checkpoint's in {changed}: "
-                          "the result will not match the uninterrupted run", stacklevel=4)
-        state = self.load(path, to_load, per_process)
+               per_process: Mapping[str, Any], *, from_other_run: bool = False,
+               check: Callable[[pathlib.Path, dict[str, Any]], None] | None = None) -> tuple[pathlib.Path, RunState]:
+        """Find the checkpoint ``which`` names and restore everything from it; returns its path and the
+        saved run state, marked as resumed, with ``config``'s epochs (what a changed config may change is
+        the caller's rule: see ``phasetrain.resume_changes``).
+
+        ``"latest"`` tries the checkpoints newest first and skips, with a warning, any that is corrupt,
+        even one whose manifest matches but whose files the loader refuses. ``which`` may also be a
+        checkpoint folder or a name from ``checkpoints/latest``; a checkpoint of another run folder is
+        refused unless ``from_other_run``. ``check(path, state_json)`` may refuse the chosen checkpoint
+        before anything is loaded from it.
+        """
+        path, contents = self._first_intact(which, from_other_run, self._read)
+        if check is not None:  # the caller's last word on the chosen checkpoint, before anything is loaded
+            check(path, contents.saved)
+        state = self._apply(path, contents, to_load, per_process)
         state.epochs, state.resumed = config.train.epochs, True
         return path, state
 
     def load(self, path: pathlib.Path, to_load: Mapping[str, Any], per_process: Mapping[str, Any]) -> RunState:
-        """Restore every object of ``to_load`` and ``per_process`` from ``path``; returns the saved run state."""
-        saved = metadata(path)
-        states = _load(path / "state.pt")
+        """Restore every object of ``to_load`` and ``per_process`` from ``path``; returns the saved run state.
+
+        Every file is verified and decoded before any object is changed: a corrupt checkpoint leaves the
+        run as it was."""
+        return self._apply(path, self._read(path), to_load, per_process)
+
+    def _read(self, path: pathlib.Path) -> _Contents:
+        """Verify ``path`` and decode what this process loads from it; raises CorruptCheckpoint if it cannot."""
+        saved = intact(path)
+        try:
+            state = RunState.from_dict(saved["state"])
+        except TypeError as exc:
+            raise CorruptCheckpoint(f"checkpoint {path}: state.json has a malformed run state ({exc})") from None
+        # Every process decodes every process file (a few kB of RNG state each), so that all of them find
+        # the same checkpoint corrupt and fall back together.
+        processes = [_load(path / f"process-{rank}.pt") for rank in range(saved["processes"])]
+        own = saved["processes"] == self.process.num_processes
+        return _Contents(saved, state, _load(path / "state.pt"),
+                         {name: _load_weights(path / f"{name}.safetensors") for name in saved["requires_grad"]},
+                         processes[self.process.process_index] if own else None)
+
+    def _apply(self, path: pathlib.Path, contents: _Contents, to_load: Mapping[str, Any],
+               per_process: Mapping[str, Any]) -> RunState:
+        """Load every object from ``contents``. A failure here is a checkpoint that does not fit the run."""
+        modules = {name: obj for name, obj in to_load.items() if isinstance(obj, torch.nn.Module)}
+        for name, module in modules.items():  # first: a model that does not fit is the error to report
+            if name not in contents.weights:
+                raise CheckpointError(f"checkpoint {path} holds no weights for {name!r} (it holds "
+                                      f"{sorted(contents.weights)})")
+            _load_module(module, path, contents.weights[name], contents.saved["requires_grad"][name])
         for name, obj in to_load.items():
-            if isinstance(obj, torch.nn.Module):
-                _load_module(obj, path / f"{name}.safetensors", saved["requires_grad"].get(name, {}))
-            elif obj is not None and name in states:
-                obj.load_state_dict(states[name])
-        process_file = path / f"process-{self.process.process_index}.pt"
-        if saved["processes"] != self.process.num_processes or not process_file.exists():
-            warnings.warn(f"resume is not exact: checkpoint was written by {saved['processes']} processes, "
+            if obj is not None and name not in modules and name in contents.states:
+                obj.load_state_dict(contents.states[name])
+        if contents.process is None:
+            warnings.warn(f"resume is not exact: checkpoint was written by {contents.saved['processes']} processes, "
                           f"this run has {self.process.num_processes}; data shards and RNG streams differ",
                           stacklevel=3)
         else:
-            states = _load(process_file)
             for name, obj in per_process.items():
-                obj.load_state_dict(states[name])
-        return RunState.from_dict(saved["state"])
+                obj.load_state_dict(contents.process[name])
+        return contents.state
+
+
+@dataclass
+class _Contents:
+    """What a checkpoint holds for this process, decoded and not yet loaded into anything."""
+
+    saved: dict[str, Any]  # state.json
+    state: RunState
+    states: dict[str, Any]  # state.pt: state dicts by name
+    weights: dict[str, dict[str, torch.Tensor]]  # by module name
+    process: dict[str, Any] | None  # this process's file; None when written by another number of processes
+
+
+def intact(path: pathlib.Path) -> dict[str, Any]:
+    """Check that the checkpoint folder ``path`` is as written and returns its ``state.json``: every file in
+    it matches the manifest, and every file the loader reads is among them. Raises CorruptCheckpoint, or
+    CheckpointError for a checkpoint of another format version."""
+    listed = verify(path)
+    if "state.json" not in listed:
+        raise CorruptCheckpoint(f"checkpoint {path} is missing state.json")
+    saved = metadata(path)
+    missing = [name for name in _files_read(saved) if name not in listed]
+    if missing:
+        raise CorruptCheckpoint(f"checkpoint {path} is missing {', '.join(missing)}, which its state.json says "
+                                "it holds")
+    return saved
+
+
+def _files_read(saved: dict[str, Any]) -> list[str]:
+    """The files a resume reads (by some process) from a checkpoint whose state.json is ``saved``."""
+    return ["state.json", "state.pt", *(f"{name}.safetensors" for name in saved["requires_grad"]),
+            *(f"process-{rank}.pt" for rank in range(saved["processes"]))]
 
 
 def metadata(path: pathlib.Path) -> dict[str, Any]:
     """A checkpoint's ``state.json``, refused when written in another format than this phasetrain reads."""
     from phasetrain import __version__
-    saved: dict[str, Any] = json.loads((path / "state.json").read_text())
+    try:
+        saved = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(f"checkpoint {path}: cannot read state.json ({exc})") from None
+    if not isinstance(saved, dict):
+        raise CorruptCheckpoint(f"checkpoint {path}: state.json holds a {type(saved).__name__}, not an object")
     if saved.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {saved.get('format_version')} (written by phasetrain "
                               f"{saved.get('phasetrain_version', '?')}); phasetrain {__version__} reads format "
                               f"{FORMAT_VERSION}: resume it with the phasetrain version that wrote it")
+    if not _well_formed(saved):
+        raise CorruptCheckpoint(f"checkpoint {path}: state.json lacks a run state, config, processes count or "
+                                "requires_grad map of the shape phasetrain writes")
     return saved
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (run_dir and overwrite do not change the run's result)."""
-    changed = []
-    for key in sorted(set(saved) | set(current)):
-        dotted = f"{prefix}{key}"
-        if dotted in ("run_dir", "overwrite"):
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += config_changes(a, b, f"{dotted}.")
-        elif a != b:
-            changed.append(dotted)
-    return changed
+def _well_formed(saved: dict[str, Any]) -> bool:
+    """Whether the keys the loader reads have the types ``Checkpoints._write`` writes."""
+    requires_grad, processes = saved.get("requires_grad"), saved.get("processes")
+    return (isinstance(saved.get("state"), dict) and isinstance(saved.get("config"), dict)
+            and type(processes) is int and processes >= 1 and isinstance(requires_grad, dict)
+            and all(isinstance(flags, dict) for flags in requires_grad.values()))
 
 
 #: What torch.load(weights_only=True) reads back: anything else in a state dict would save and then fail to load.
@@ -230,13 +351,30 @@ def _load(path: pathlib.Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot load {path} as plain tensors and data ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise CorruptCheckpoint(f"cannot load {path} as plain tensors and data ({type(exc).__name__}: "
+                                f"{_why(exc)})") from exc
 
 
-def _load_module(module: torch.nn.Module, path: pathlib.Path, requires_grad: dict[str, bool]) -> None:
+def _why(exc: Exception) -> str:
+    """The line of a load error that says what was wrong: torch's weights_only refusal opens with a page of
+    advice and names the refused global further down."""
+    lines = str(exc).splitlines() or [""]
+    line = next((line for line in lines if "WeightsUnpickler error:" in line), lines[0])
+    return line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
+
+
+def _load_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
-    saved = load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a bad header, data not covered by it, an unknown dtype
+        raise CorruptCheckpoint(f"cannot load {path} as safetensors ({type(exc).__name__}: {_why(exc)})") from exc
+
+
+def _load_module(module: torch.nn.Module, path: pathlib.Path, saved: dict[str, torch.Tensor],
+                 requires_grad: dict[str, bool]) -> None:
+    """Load ``saved`` (read from checkpoint ``path``) into ``module``; a CheckpointError lists any key or
+    shape that does not match."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
@@ -248,7 +386,7 @@ def _load_module(module: torch.nn.Module, path: pathlib.Path, requires_grad: dic
     if missing or unexpected or shapes:
         parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
                  f"shape mismatches [{'; '.join(shapes)}]" if shapes else ""]
-        raise CheckpointError(f"checkpoint {path.parent} does not match the configured model "
+        raise CheckpointError(f"checkpoint {path} does not match the configured model "
                               f"{type(module).__name__}: " + ", ".join(p for p in parts if p))
     module.load_state_dict(saved, strict=not tied)
     for name, param in module.named_parameters():
@@ -260,6 +398,12 @@ def _monitor_value(checkpoint: pathlib.Path) -> float | None:
         return json.loads((checkpoint / "state.json").read_text())["monitor"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _run_folder_of(checkpoint: pathlib.Path) -> pathlib.Path:
+    """RUN_DIR for RUN_DIR/checkpoints/NAME; the parent folder of a checkpoint kept elsewhere."""
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def _step_of(path: pathlib.Path) -> tuple[int, int]:

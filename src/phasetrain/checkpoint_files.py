@@ -4,18 +4,24 @@ A checkpoint is written into ``checkpoints/.tmp-<name>``; each file is hashed an
 is closed, ``manifest.json`` (CRC-32 and size of every file) is written last, then the folder is renamed
 into place and ``checkpoints/latest`` (a one-line file naming it) replaced atomically. A crash at any
 moment leaves the previous checkpoint and pointer intact; a folder without a valid manifest is incomplete.
+A manifest lists every file of its folder: a file it does not list could not be checked, so it makes the
+checkpoint corrupt, as does any other difference.
 """
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import re
 import shutil
 import zlib
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any, cast
 
-from phasetrain.errors import CheckpointError
+import torch
+
+from phasetrain.errors import CorruptCheckpoint
 from phasetrain.run_folder import atomic_write_text, fsync_path
 
 
@@ -48,21 +54,45 @@ def publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
     atomic_write_text(final.parent / "latest", final.name + "\n")
 
 
-def verify(path: pathlib.Path) -> None:
-    """Check every file against ``manifest.json``; raise CheckpointError naming the first bad one."""
+def verify(path: pathlib.Path) -> set[str]:
+    """Check the checkpoint folder ``path`` against its ``manifest.json``: every file in it listed, every
+    listed file present with the size and CRC-32 written. Returns the names listed; raises
+    CorruptCheckpoint naming the first problem."""
+    files = _read_manifest(path)
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != "manifest.json" and p.name not in files)
+    if unlisted:
+        raise CorruptCheckpoint(f"checkpoint {path} holds {', '.join(unlisted)}, which manifest.json does not list "
+                                "(added after the checkpoint was written, or the manifest was rewritten)")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CorruptCheckpoint(f"checkpoint {path} is missing {name}")
+        if file.stat().st_size != expected["size"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} is {file.stat().st_size} bytes, "
+                                    f"manifest says {expected['size']} (truncated or corrupted)")
+        if crc32(file) != expected["crc32"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} does not match its checksum (corrupted)")
+    return set(files)
+
+
+def _read_manifest(path: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` entries, refused unless they have the shape ``_write_manifest`` writes."""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
-        raise CheckpointError(f"checkpoint {path} has no readable manifest.json (incomplete or corrupted)") from None
-    for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if file.stat().st_size != expected["size"]:
-            raise CheckpointError(f"checkpoint {path}: {name} is {file.stat().st_size} bytes, "
-                                  f"manifest says {expected['size']} (truncated or corrupted)")
-        if crc32(file) != expected["crc32"]:
-            raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (corrupted)")
+        raise CorruptCheckpoint(f"checkpoint {path} has no readable manifest.json (incomplete or corrupted)") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(_is_entry(name, entry) for name, entry in files.items()):
+        raise CorruptCheckpoint(f"checkpoint {path} has a malformed manifest.json: expected "
+                                '{"files": {"FILE NAME": {"size": BYTES, "crc32": "8 HEX DIGITS"}, ...}}')
+    return files
+
+
+def _is_entry(name: str, entry: Any) -> bool:
+    # A name with a folder in it ("../x") would check a file outside the checkpoint.
+    plain_name = name not in ("", ".", "..") and pathlib.PurePath(name).name == name
+    return plain_name and isinstance(entry, dict) and type(entry.get("size")) is int and isinstance(
+        entry.get("crc32"), str)
 
 
 def crc32(path: pathlib.Path) -> str:
@@ -74,6 +104,50 @@ def crc32(path: pathlib.Path) -> str:
         while chunk := file.read(1 << 22):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
+
+
+def torch_save(obj: Any, path: pathlib.Path) -> None:
+    """``torch.save(obj, path)``, except that a failed write raises its OSError (ENOSPC, EFBIG, EROFS...).
+
+    Given a path, torch 2.x writes through a C++ stream and reports a full disk as ``RuntimeError: [enforce
+    fail at inline_container.cc:672] . unexpected pos 2112 vs 2004``, errno lost. Given a file object it
+    calls its ``write()`` and turns the OSError into that same RuntimeError, so the writer keeps it.
+    """
+    with open(path, "wb") as file:
+        writer = _WriteErrorKept(file)
+        try:
+            torch.save(obj, cast(IO[bytes], writer))  # torch calls only write() and flush()
+        except RuntimeError as exc:
+            if writer.error is None:
+                raise
+            raise writer.error from exc
+
+
+class _WriteErrorKept:
+    """A binary file for torch.save that remembers the first OSError its writes raised."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return int(self.file.write(data))
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_error(exc: BaseException) -> OSError | None:
+    """The OSError that made a checkpoint write fail, or None when something else did. safetensors (Rust)
+    reports one as ``SafetensorError: Error while serializing: I/O error: ... (os error 28)``."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else None
 
 
 def _digest_and_sync(path: pathlib.Path) -> dict[str, Any]:

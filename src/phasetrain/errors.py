@@ -29,5 +29,19 @@ class CheckpointError(PhasetrainError):
     """A checkpoint is missing, truncated, corrupted, unsafe to load or does not match the model."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's files are not what was written: missing, truncated, altered, absent from its manifest,
+    or refused by the loader (a pickle that is not plain data, a bad safetensors header).
+
+    ``resume="latest"`` skips a corrupt checkpoint for an older intact one, with a warning. A checkpoint
+    that is intact but does not fit the run (another model, another format version) is a plain
+    CheckpointError: an older one would not fit either.
+    """
+
+
 class GraphError(PhasetrainError, ValueError):
     """The phase graph is invalid: an unknown phase, an unreachable one, or a cycle that never advances."""
+
+
+class NonFiniteLossError(PhasetrainError, FloatingPointError):
+    """A training loss was NaN or infinite; the run stopped before the weights were updated."""
