@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from phasetrain.config import TrainConfig
 from phasetrain.data import EpochBatchSampler, batch_count, ceil_div, epoch_seed, make_loader, shard_size
 from phasetrain.errors import DataError
+from phasetrain.loading import load_error, named_errors
+from phasetrain.worker_signals import worker_init
 
 
 @dataclass(frozen=True)
@@ -75,23 +77,26 @@ class RunData:
         """This process's batches of ``epoch``, from batch ``skip`` on (skipped by index: nothing is loaded)."""
         cfg = self._cfg
         if isinstance(self.train, IterableDataset):
-            loader = DataLoader(self.train, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+            loader = DataLoader(self.train, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                worker_init_fn=worker_init(cfg.num_workers))
             if skip:
                 warnings.warn("resume is not exact: the train dataset is an IterableDataset, whose order "
                               f"phasetrain does not own; skipping {skip} batches by loading them", stacklevel=3)
-            return itertools.islice(loader, skip, None) if skip else loader
+            return named_errors(itertools.islice(loader, skip, None) if skip else loader, self._label(self.train))
         sampler = self._sampler(self.train, cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last, pad=True,
                                 epoch=epoch, skip=skip)
         return make_loader(self.train, sampler, num_workers=cfg.num_workers, pin_memory=self._device is not None,
-                           seed=epoch_seed(self._seed, epoch))
+                           seed=epoch_seed(self._seed, epoch), label=self._label(self.train))
 
     def eval_batches(self, dataset: Any) -> Iterable[Any]:
         """Batches of ``dataset`` in order, sharded across processes without duplicates."""
         batch_size, workers = self._cfg.resolved_eval_batch_size, self._cfg.num_workers
         if isinstance(dataset, IterableDataset):
-            return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=worker_init(workers))
+            return named_errors(loader, self._label(dataset))
         sampler = self._sampler(dataset, batch_size, shuffle=False, drop_last=False, pad=False, epoch=0)
-        return make_loader(dataset, sampler, num_workers=workers, pin_memory=self._device is not None, seed=self._seed)
+        return make_loader(dataset, sampler, num_workers=workers, pin_memory=self._device is not None, seed=self._seed,
+                           label=self._label(dataset))
 
     def eval_batch_count(self, dataset: Any) -> int | None:
         """Batches ``eval_batches(dataset)`` yields on this process (None when unknown)."""
@@ -101,12 +106,21 @@ class RunData:
         """The first ``size`` train samples as one batch on the device, for checks (None for an iterable dataset)."""
         if isinstance(self.train, IterableDataset):
             return None
-        samples = [self.train[i] for i in range(min(size, len(self.train)))]
-        return self.to_device(torch.utils.data.default_collate(samples))
+        indices = range(min(size, len(self.train)))
+        try:
+            batch = torch.utils.data.default_collate([self.train[i] for i in indices])
+        except Exception as exc:
+            raise load_error(self.train, self._label(self.train), indices, "the setup check's batch", exc) from exc
+        return self.to_device(batch)
 
     def to_device(self, batch: Any) -> Any:
         """The batch on the run's device; on the CPU the batch itself (no per-batch traversal)."""
         return batch if self._device is None else self._send(batch, self._device, non_blocking=True)
+
+    def _label(self, dataset: Any) -> str:
+        """How errors name ``dataset``: its split and class, e.g. "eval dataset (ImageFolder)"."""
+        split = next((name for name in ("train", "eval", "test") if getattr(self, name) is dataset), None)
+        return f"{split + ' ' if split else ''}dataset ({type(dataset).__name__})"
 
     def _sampler(self, dataset: Any, batch_size: int, *, shuffle: bool, drop_last: bool, pad: bool, epoch: int,
                  skip: int = 0) -> EpochBatchSampler:

@@ -5,7 +5,9 @@ function of the seed and k, and a mid-epoch resume needs to skip consumed batche
 loading them. Drawing the shuffle from the global RNG (what a plain ``shuffle=True`` loader does)
 breaks both; so does the DataLoader drawing its worker base seed from the global RNG. Here the
 sampler has its own generator and the loader gets its own ``generator`` for the worker seed.
-The sampler also shards batches across processes, so no wrapper runs per batch.
+The sampler also shards batches across processes, so no wrapper does work per batch. A batch that
+fails to load is explained by ``phasetrain.loading``; workers leave stop signals to the main process
+(``phasetrain.worker_signals``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from phasetrain.errors import DataError
+from phasetrain.loading import CheckedBatches
+from phasetrain.worker_signals import worker_init
 
 
 def shard_size(size: int, rank: int, world_size: int, pad: bool) -> int:
@@ -71,6 +75,10 @@ class EpochBatchSampler:
     def __len__(self) -> int:
         return len(self.batches) - self.skip
 
+    def yielded(self, number: int) -> Batch:
+        """The ``number``-th batch (0-based) that iterating this sampler yields, counted from ``skip``."""
+        return self.batches[self.skip + number]
+
 
 class Batch(list[int]):
     """The dataset indices of one batch, with a seed of its own for worker processes (see WorkerSeeded)."""
@@ -121,10 +129,11 @@ def check_dataset(dataset: Any, name: str) -> None:
 
 
 def make_loader(dataset: Dataset[Any], sampler: EpochBatchSampler, *, num_workers: int, seed: int,
-                pin_memory: bool) -> DataLoader[Any]:
+                pin_memory: bool, label: str) -> CheckedBatches:
     """A plain DataLoader over ``sampler``; its own generator keeps the global RNG untouched (creating an
-    iterator draws a worker base seed from the loader's generator even with ``num_workers=0``)."""
-    if num_workers > 0:
-        dataset = WorkerSeeded(dataset)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed))
+    iterator draws a worker base seed from the loader's generator even with ``num_workers=0``). ``label``
+    names the dataset in errors, e.g. "train dataset (MyImages)"."""
+    loaded = WorkerSeeded(dataset) if num_workers > 0 else dataset
+    loader = DataLoader(loaded, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                        generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init(num_workers))
+    return CheckedBatches(loader, sampler, dataset, label)
