@@ -152,14 +152,18 @@ def test_add_phase_after_an_unknown_phase_lists_the_phases(tmp_path: pathlib.Pat
 
 
 def test_callback_on_an_unknown_phase_lists_the_phases(tmp_path: pathlib.Path) -> None:
+    trainer = Trainer(digits_config(tmp_path / "run"), callbacks=[Recorder()])
     with pytest.raises(CallbackError, match=r"Recorder defines on_enter_snapshot, on_enter_test, which match no "
                                             r"hook. Phase hooks are on_enter_<phase>/on_exit_<phase> for the "
                                             r"phases setup, train_epoch, eval_epoch, checkpoint, done"):
-        Trainer(digits_config(tmp_path / "run"), callbacks=[Recorder()])
-    trainer = Trainer(digits_config(tmp_path / "run"))
+        trainer.run()
+    # Valid once the phases exist: given to the constructor, or with add_callback, before add_phase or after.
+    recorder = Recorder()
+    trainer = Trainer(digits_config(tmp_path / "run2", train={"epochs": 1}), callbacks=[recorder])
     trainer.add_phase(TestPhase(), after="eval_epoch")
     trainer.add_phase(Snapshot(), after="train_epoch")
-    trainer.add_callback(Recorder())  # valid once the phases exist
+    trainer.run()
+    assert "snapshot:1" in recorder.visited and "test:1" in recorder.visited
 
 
 class Node(Phase):
@@ -334,9 +338,9 @@ def test_missing_dot_names_the_package_to_install(tmp_path: pathlib.Path, monkey
 
 # ---- config, CLI, diagrams --------------------------------------------------------------------------
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "phasetrain.cli", *args], check=False, capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=cwd)
 
 
 def test_plan_prints_the_walk_without_training(tmp_path: pathlib.Path) -> None:
@@ -345,17 +349,17 @@ def test_plan_prints_the_walk_without_training(tmp_path: pathlib.Path) -> None:
     assert result.stdout.splitlines()[1:] == [
         "  start:    setup",
         "  epoch 1 (steps 1-40): train_epoch -> eval_epoch [eval_due]",
-        "  epoch 2 (steps 41-80): train_epoch -> eval_epoch [eval_due] -> test [every 2 epochs]",
+        "  epoch 2 (steps 41-80): train_epoch -> eval_epoch [eval_due] -> test [every 2 epochs and not last epoch]",
         "  epoch 3 (steps 81-120): train_epoch -> eval_epoch [eval_due]",
-        ("  epoch 4 (steps 121-160): train_epoch -> eval_epoch [eval_due] -> test [every 2 epochs] "
-        "-> checkpoint [checkpoint_due] -> done [finished]"),
+        ("  epoch 4 (steps 121-160): train_epoch -> eval_epoch [eval_due] -> checkpoint [checkpoint_due] "
+         "-> done [finished]"),
     ]
     assert not (tmp_path / "run").exists()
 
 
 def test_config_phases_run_and_the_run_folder_graph_highlights_where_it_stopped(tmp_path: pathlib.Path) -> None:
     config = RunConfig.from_file(ROOT / "examples/digits_test_phase.yaml",
-                                 overrides=[f"run_dir={tmp_path / 'run'}", "train.epochs=2", "train.progress_bar=false"])
+                                 overrides=[f"run_dir={tmp_path / 'run'}", "train.epochs=3", "train.progress_bar=false"])
     history = Trainer(config).run()
     assert len(history.get_metric_values("test/accuracy")) == 2  # the test phase after epoch 2, then done
     result = cli("graph", str(tmp_path / "run"))
@@ -363,6 +367,73 @@ def test_config_phases_run_and_the_run_folder_graph_highlights_where_it_stopped(
     assert result.stdout.splitlines()[-1] == "    class done current"
     result = cli("graph", "examples/digits_test_phase.yaml", "--format", "dot", "-o", str(tmp_path / "g.dot"))
     assert result.returncode == 0 and "eval_epoch -> test" in (tmp_path / "g.dot").read_text()
+
+
+def test_a_run_folder_is_drawn_exactly_as_its_trainer_drew_it(tmp_path: pathlib.Path) -> None:
+    trainer = custom_trainer(tmp_path)  # phases added in Python: the run's config.yaml does not name them
+    trainer.run()
+    run_dir = str(tmp_path / "run")
+    mermaid, dot = cli("graph", run_dir), cli("graph", run_dir, "--format", "dot")
+    assert mermaid.returncode == 0 and dot.returncode == 0, mermaid.stderr + dot.stderr
+    assert mermaid.stdout == trainer.render_graph()  # both highlight done: the run finished
+    assert dot.stdout == trainer.render_graph(format="dot")
+    assert "    train_epoch --> snapshot: every 50 steps and not last epoch" in mermaid.stdout
+
+
+# Importing this module leaves a file behind: a stand-in for any side effect a config's code may have.
+MARKED_PHASE = '''
+import pathlib
+import phasetrain
+
+pathlib.Path(__file__).with_name("imported.marker").write_text("imported")
+
+
+class Marked(phasetrain.Phase):
+    name = "marked"
+
+    def run(self, trainer):
+        pass
+'''
+
+
+def test_drawing_a_run_folder_imports_none_of_its_phases(tmp_path: pathlib.Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "marked_phase.py").write_text(MARKED_PHASE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "marked_phase", raising=False)  # imported fresh, and forgotten after
+    marker = tmp_path / "imported.marker"
+    config = digits_config(tmp_path / "run", train={"epochs": 1},
+                           phases=[{"target": "marked_phase:Marked", "after": "eval_epoch"}])
+    Trainer(config).run()
+    assert marker.exists()  # the run imported it, as a run must
+    marker.unlink()
+    # From the folder the module sits in, as someone inspecting a received run would: importable if asked for.
+    result = cli("graph", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "    eval_epoch --> marked: else" in result.stdout.splitlines()
+    assert not marker.exists(), "phasetrain graph RUN_DIR imported the run's phase module"
+    result = cli("graph", str(tmp_path / "run" / "config.yaml"), cwd=tmp_path)  # a config is code: it runs
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()
+
+
+def test_a_run_folder_without_a_stored_graph_or_with_overrides_gets_one_line(tmp_path: pathlib.Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(digits_config(run_dir).to_yaml())  # as an older phasetrain left it
+    result = cli("graph", str(run_dir))
+    assert result.returncode == 2
+    assert result.stderr == (f"phasetrain: error: run folder {run_dir} has no graph.json (it was written by an older "
+                             "phasetrain, or its run failed before setup finished); draw the graph from its config, "
+                             f"which imports the config's phases: phasetrain graph {run_dir / 'config.yaml'}\n")
+    result = cli("graph", str(run_dir), "train.eval_every=2")
+    assert result.returncode == 2
+    assert result.stderr == (f"phasetrain: error: overrides ['train.eval_every=2'] given with run folder {run_dir}: "
+                             "a run's graph is the one it ran with; give a config file to draw it with overrides\n")
+    (run_dir / "graph.json").write_text('{"phases": ["setup"]}')
+    result = cli("graph", str(run_dir))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "graph.json is not a phase graph this phasetrain can read (version None, expected 1)" in result.stderr
 
 
 def test_bad_phase_config_gets_one_clear_message(tmp_path: pathlib.Path) -> None:
