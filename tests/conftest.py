@@ -11,6 +11,10 @@ import torch
 from examples.digits import make_data
 from phasetrain import Callback, RunConfig
 
+# Tiny models on a shared 2-core machine: a second intra-op thread costs more than it brings, and the
+# doc pages and subprocesses of the suite run beside these tests.
+torch.set_num_threads(1)
+
 
 @functools.cache
 def digits() -> dict[str, torch.utils.data.Dataset]:

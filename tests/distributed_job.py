@@ -2,12 +2,14 @@
 
     torchrun --nproc_per_node 2 -m tests.distributed_job OUT                  train, evaluate, predict
     torchrun --nproc_per_node 2 -m tests.distributed_job OUT resume-test N    crash at step N (0: resume)
+    torchrun --nproc_per_node 2 -m tests.distributed_job OUT nan-test MODE    NaN inputs on one process only
 """
 from __future__ import annotations
 
 import json
 import pathlib
 import sys
+from typing import Any
 
 import torch
 
@@ -33,11 +35,31 @@ def resume_test(out: pathlib.Path, crash_step: int) -> None:
     trainer.run(resume="latest" if crash_step == 0 else None)
 
 
+class NaNOnFirstProcess(torch.utils.data.Dataset[Any]):
+    """The digits train split with a NaN input at index 0, which only the first process's shard holds."""
+
+    def __len__(self) -> int:
+        return len(digits()["train"])  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        x, y = digits()["train"][index]
+        return (x * float("nan") if index == 0 else x), y
+
+
+def nan_test(out: pathlib.Path, mode: str) -> None:
+    """A NaN loss on one process: both must skip (or stop at) the same step, or the weights go NaN."""
+    config = digits_config(out / "run", train={"epochs": 2, "shuffle": False, "nonfinite_loss": mode})
+    Trainer(config, train_data=NaNOnFirstProcess()).run()
+
+
 def main() -> None:
     torch.set_num_threads(1)
     out = pathlib.Path(sys.argv[1])
     if len(sys.argv) > 2:
-        resume_test(out, int(sys.argv[3]))
+        if sys.argv[2] == "nan-test":
+            nan_test(out, sys.argv[3])
+        else:
+            resume_test(out, int(sys.argv[3]))
         return
     trainer = Trainer(digits_config(out / "run", train={"epochs": 3}, checkpoint={"every_epochs": 3}))
     history = trainer.run()

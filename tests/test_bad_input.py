@@ -92,7 +92,7 @@ def test_finished_run_is_never_overwritten(tmp_path: pathlib.Path) -> None:
     assert (tmp_path / "run" / "model.safetensors").read_bytes() != weights
 
 
-def test_unknown_callback_hook_fails_at_construction(tmp_path: pathlib.Path) -> None:
+def test_unknown_callback_hook_fails_before_training(tmp_path: pathlib.Path) -> None:
     class Typo(Callback):
         def on_train_step_ned(self, trainer: Trainer, loss: torch.Tensor) -> None: ...
 
@@ -101,8 +101,11 @@ def test_unknown_callback_hook_fails_at_construction(tmp_path: pathlib.Path) -> 
 
     with pytest.raises(CallbackError, match="Typo defines on_train_step_ned, which match no hook"):
         Trainer(digits_config(tmp_path / "run"), callbacks=[Typo()])
+    # A phase hook may name a phase added later (add_phase): it is refused when the run starts without it.
+    trainer = Trainer(digits_config(tmp_path / "run"), callbacks=[NoSuchPhase()])
     with pytest.raises(CallbackError, match="on_enter_test"):
-        Trainer(digits_config(tmp_path / "run"), callbacks=[NoSuchPhase()])
+        trainer.run()
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_cli_prints_one_line_for_a_config_typo(tmp_path: pathlib.Path) -> None:
@@ -113,7 +116,7 @@ def test_cli_prints_one_line_for_a_config_typo(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 2
     expected = ("phasetrain: error: examples/digits.yaml: invalid config: train.epohcs: unknown key, did you mean "
                 "'epochs'? (known keys: epochs, batch_size, eval_batch_size, grad_accum_steps, max_grad_norm, "
-                "mixed_precision, num_workers, eval_every, shuffle, drop_last, log_every_steps, progress_bar)")
+                "mixed_precision, num_workers, eval_every, shuffle, drop_last, log_every_steps, progress_bar, nonfinite_loss)")
     assert result.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "run").exists()
 

@@ -61,3 +61,15 @@ def test_two_process_mid_epoch_resume_is_bitwise_exact(tmp_path: pathlib.Path) -
     b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "run" / "metrics.jsonl").read_text() == (tmp_path / "b" / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_nan_loss_on_one_process_is_decided_by_all(tmp_path: pathlib.Path) -> None:
+    # Only the first process sees the NaN batch; the gradients are averaged, so both must skip that step.
+    skipped = two_processes(str(tmp_path / "skip"), "nan-test", "skip")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    # Steps 1 and 20 of each epoch hold index 0 (the last batch is padded with the first indices):
+    # the process that saw the NaN and the other one both skip them.
+    seen, told = skipped.stderr.count("non-finite loss (nan) at"), skipped.stderr.count("loss on another process")
+    assert seen == told == 4, skipped.stderr[-3000:]
+    weights = load_file(tmp_path / "skip" / "run" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from phasetrain import Callback, CheckpointError, RunInterrupted, Trainer
+from examples.digits import make_model
+from phasetrain import Callback, CheckpointError, ConfigError, RunInterrupted, Trainer
 from phasetrain.checkpoint_files import crc32
 from tests.conftest import ResumePoint, digits, digits_config
 
@@ -387,14 +388,18 @@ def test_truncated_checkpoint_is_named(crashed_run: pathlib.Path) -> None:
         Trainer(crashed_config(crashed_run)).run(resume=checkpoint_at(crashed_run, 12))
 
 
-def test_resuming_with_a_changed_config_warns_which_keys_differ(crashed_run: pathlib.Path) -> None:
-    with pytest.warns(UserWarning, match=r"differs from the checkpoint's in \['train.batch_size'\]"):
-        _, at = resume(crashed_config(crashed_run, train={"epochs": 2, "batch_size": 16}))
-    assert at == ("train_epoch", 1, 12, True)
+def test_resuming_with_a_change_the_checkpoint_cannot_carry_is_refused(crashed_run: pathlib.Path) -> None:
+    # The saved position counts batches of 32: with 16 the resumed epoch would silently be another one.
+    before = {p.name: p.stat().st_mtime_ns for p in crashed_run.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(ConfigError, match=r"differs from checkpoint epoch001-step0000012-train_epoch's in "
+                                          r"train.batch_size 32 -> 16, which a resumed run cannot change"):
+        resume(crashed_config(crashed_run, train={"epochs": 2, "batch_size": 16}))
+    assert {p.name: p.stat().st_mtime_ns for p in crashed_run.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_checkpoint_of_another_model_is_refused_with_the_mismatching_keys(crashed_run: pathlib.Path) -> None:
-    trainer = Trainer(crashed_config(crashed_run, model={"args": {"hidden": 48}}))
+    # A model given as an object: the config cannot show the change, the checkpoint's keys and shapes do.
+    trainer = Trainer(crashed_config(crashed_run), model=make_model(hidden=48, dropout=0.0))
     with pytest.raises(CheckpointError, match=r"does not match the configured model Sequential: shape mismatches "
                                               r"\[0.bias: checkpoint \(64,\) vs model \(48,\); "
                                               r"0.weight: checkpoint \(64, 64\) vs model \(48, 64\)"):
@@ -407,7 +412,7 @@ def test_a_checkpoint_of_another_format_version_is_refused(crashed_run: pathlib.
     state_file.write_text(json.dumps({**saved, "format_version": 1, "phasetrain_version": "0.0.9"}))
     resign(checkpoint_at(crashed_run, 12), "state.json")
     with pytest.raises(CheckpointError, match=r"has format 1 \(written by phasetrain 0.0.9\); phasetrain .* reads "
-                                              r"format 2: resume it with the phasetrain version that wrote it"):
+                                              r"format 3: resume it with the phasetrain version that wrote it"):
         Trainer(crashed_config(crashed_run)).run(resume=checkpoint_at(crashed_run, 12))
 
 

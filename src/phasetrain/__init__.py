@@ -8,15 +8,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "phasetrain.callbacks": ("Callback", "ConsoleSummary", "EarlyStopping", "HistoryRecorder", "MetricsFile",
                              "ProgressBar"),
     "phasetrain.conditions": ("Condition", "every_n_epochs", "every_n_steps", "on_epoch", "on_last_epoch"),
     "phasetrain.config": ("CheckpointConfig", "ImportSpec", "RunConfig", "TrainConfig"),
-    "phasetrain.errors": ("CallbackError", "CheckpointError", "ConfigError", "DataError", "GraphError",
-                          "PhasetrainError", "RunDirError"),
+    "phasetrain.errors": ("CallbackError", "CheckpointError", "ConfigError", "CorruptCheckpoint", "DataError",
+                          "GraphError", "NonFiniteLossError", "PhasetrainError", "RunDirError"),
     "phasetrain.graph": ("PhaseGraph",),
     "phasetrain.history": ("RunHistory",),
     "phasetrain.phases": ("Phase", "TestPhase"),
@@ -27,8 +27,8 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "Callback", "CallbackError", "CheckpointConfig", "CheckpointError", "Condition", "ConfigError",
-    "ConsoleSummary", "DataError", "EarlyStopping", "GraphError", "HistoryRecorder", "ImportSpec", "MetricsFile",
-    "Phase", "PhaseGraph", "PhasetrainError", "ProgressBar", "RunConfig", "RunDirError", "RunHistory",
+    "ConsoleSummary", "CorruptCheckpoint", "DataError", "EarlyStopping", "GraphError", "HistoryRecorder",
+    "ImportSpec", "MetricsFile", "NonFiniteLossError", "Phase", "PhaseGraph", "PhasetrainError", "ProgressBar", "RunConfig", "RunDirError", "RunHistory",
     "RunInterrupted", "RunState", "TestPhase", "TrainConfig", "Trainer", "__version__", "every_n_epochs",
     "every_n_steps", "on_epoch", "on_last_epoch",
 ]
@@ -61,8 +61,10 @@ if TYPE_CHECKING:
         CallbackError,
         CheckpointError,
         ConfigError,
+        CorruptCheckpoint,
         DataError,
         GraphError,
+        NonFiniteLossError,
         PhasetrainError,
         RunDirError,
     )

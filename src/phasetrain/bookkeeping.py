@@ -4,6 +4,7 @@ not code inside ``log()``), but the trainer adds them itself, after every user c
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,9 @@ class MonitorValue(Callback):
 
     def value_now(self, state: RunState) -> float | None:
         """The value if it was measured at the run's current epoch and optimizer step, else None."""
-        return self.value if self.measured_at == (state.epoch, state.optimizer_step) else None
+        current = self.measured_at == (state.epoch, state.optimizer_step)
+        # A NaN ranks nowhere (it would sort as the best) and is not JSON: it counts as not measured.
+        return self.value if current and self.value is not None and math.isfinite(self.value) else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.value, "measured_at": self.measured_at}

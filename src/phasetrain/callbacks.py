@@ -8,6 +8,7 @@ trainer is built, never silently ignored. Progress bars, console lines, the run 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +29,7 @@ RUN_HOOKS = (
     "on_run_start", "on_run_end",
     "on_train_step_start", "on_before_backward", "on_after_backward", "on_train_step_end",
     "on_eval_step_start", "on_eval_step_end",
-    "on_log",
+    "on_log", "on_exception",
 )
 
 
@@ -43,6 +44,8 @@ class Callback:
     - ``on_train_step_end(trainer, loss)``: after the optimizer step; ``loss`` is a detached tensor
     - ``on_eval_step_start(trainer)`` / ``on_eval_step_end(trainer, batch_output)``
     - ``on_log(trainer, record)``: a metrics record ``{"phase", "epoch", "step", "kind", "train/loss", ...}``
+    - ``on_exception(trainer, exception)``: the run is ending with ``exception`` (a stop signal's
+      ``RunInterrupted`` included), instead of ``on_run_end``
 
     Enter and exit hooks pair up within a process: a resumed run re-enters the phase its checkpoint
     was taken in, firing ``on_enter_<phase>`` again with ``trainer.state.resumed`` set.
@@ -63,16 +66,32 @@ class CallbackList:
 
     def __init__(self, callbacks: Iterable[Callback], phases: Iterable[str]) -> None:
         self.callbacks = list(callbacks)
-        phases = list(phases)
+        self._phases = list(phases)
         # `done` is final: it is entered, never exited.
-        hook_names = set(RUN_HOOKS) | {f"on_enter_{p}" for p in phases} | {f"on_exit_{p}" for p in phases if p != "done"}
-        for callback in self.callbacks:
-            _check(callback, hook_names, phases)
+        hook_names = (set(RUN_HOOKS) | {f"on_enter_{p}" for p in self._phases}
+                      | {f"on_exit_{p}" for p in self._phases if p != "done"})
+        self._unknown = [(callback, _unknown_hooks(callback, hook_names)) for callback in self.callbacks]
+        for callback, unknown in self._unknown:
+            # A typo is refused now; a phase hook may name a phase that add_phase adds later: check() at run().
+            if any(not name.startswith(("on_enter_", "on_exit_")) for name in unknown):
+                self._refuse(callback, unknown)
         # Precompute the bound methods per hook: dispatch in the batch loop is one dict lookup.
         self._hooks: dict[str, list[Callable[..., Any]]] = {
             name: [getattr(cb, name) for cb in self.callbacks if callable(getattr(cb, name, None))]
             for name in hook_names
         }
+
+    def check(self) -> None:
+        """Refuse any callback with a hook that matches nothing in the graph as it now is."""
+        for callback, unknown in self._unknown:
+            if unknown:
+                self._refuse(callback, unknown)
+
+    def _refuse(self, callback: Callback, unknown: list[str]) -> None:
+        raise CallbackError(
+            f"{type(callback).__name__} defines {', '.join(unknown)}, which match no hook. "
+            f"Phase hooks are on_enter_<phase>/on_exit_<phase> for the phases {', '.join(self._phases)} (done has "
+            f"no exit; a phase added with add_phase before run() counts); other hooks: {', '.join(RUN_HOOKS)}")
 
     def fire(self, name: str, trainer: TrainerSteps, *args: Any) -> None:
         for hook in self._hooks.get(name, ()):
@@ -106,15 +125,10 @@ def with_callbacks(current: list[Callback], added: list[Callback], defaults: lis
     return kept + added
 
 
-def _check(callback: Callback, hook_names: set[str], phases: list[str]) -> None:
+def _unknown_hooks(callback: Callback, hook_names: set[str]) -> list[str]:
     if not isinstance(callback, Callback):
         raise CallbackError(f"{callback!r} is a {type(callback).__name__}: callbacks must subclass phasetrain.Callback")
-    unknown = sorted(n for n in dir(callback) if n.startswith("on_") and n not in hook_names)
-    if unknown:
-        raise CallbackError(
-            f"{type(callback).__name__} defines {', '.join(unknown)}, which match no hook. Phase hooks are "
-            f"on_enter_<phase>/on_exit_<phase> for the phases {', '.join(phases)} (done has no exit); "
-            f"other hooks: {', '.join(RUN_HOOKS)}")
+    return sorted(n for n in dir(callback) if n.startswith("on_") and n not in hook_names)
 
 
 # ---- built-in callbacks ------------------------------------------------------------------------
@@ -156,6 +170,9 @@ class ProgressBar(Callback):
     def on_exit_eval_epoch(self, trainer: Trainer) -> None:
         self._close()
 
+    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
+        self._close()  # so the error line that follows starts on a line of its own
+
     def _close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -189,35 +206,66 @@ class HistoryRecorder(Callback):
 
 
 class MetricsFile(Callback):
-    """Appends every record to ``RUN_DIR/metrics.jsonl`` (one JSON object a line; main process only)."""
+    """Appends every record to ``RUN_DIR/metrics.jsonl`` (one strict-JSON object a line; main process only).
+
+    The records written so far are part of the checkpoint. A resumed run rewrites the file, atomically,
+    to exactly the checkpoint's records: the ones written after the checkpoint are written again by the
+    resumed run, and a file that a kill, a cut or a deletion left short is rebuilt, never glued onto.
+    """
 
     def __init__(self) -> None:
-        self.lines_written = 0
+        self._lines: list[str] = []
         self._restored = False
 
     def on_run_start(self, trainer: Trainer) -> None:
-        # After a resume, drop the records written after the checkpoint: the run writes them again.
-        path = self.path(trainer)
-        if trainer.accelerator.is_main_process and self._restored and path.exists():
-            kept = path.read_text().splitlines(keepends=True)[: self.lines_written]
-            path.write_text("".join(kept))
+        if trainer.accelerator.is_main_process and self._restored:
+            self._rewrite(self.path(trainer))
+
+    def _rewrite(self, path: pathlib.Path) -> None:
+        from phasetrain.run_folder import atomic_write_text
+        saved = "".join(self._lines)
+        current = path.read_text(errors="replace") if path.is_file() else None
+        if current is None and not saved:  # nothing was logged before the checkpoint
+            return
+        if current is None or not current.startswith(saved):
+            state = "missing" if current is None else "shorter than the checkpoint's records, or changed"
+            warnings.warn(f"{path} was {state}: rebuilt from the checkpoint ({len(self._lines)} records)", stacklevel=2)
+        if current != saved:
+            atomic_write_text(path, saved)
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if trainer.accelerator.is_main_process:
-            with open(self.path(trainer), "a") as file:
-                file.write(json.dumps(record) + "\n")
-            self.lines_written += 1
+            line = json.dumps(strict_json(record), allow_nan=False) + "\n"
+            path = self.path(trainer)
+            try:
+                with open(path, "a") as file:
+                    file.write(line)
+            except OSError as exc:  # a write error names no file: name it
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            self._lines.append(line)
 
     @staticmethod
     def path(trainer: Trainer) -> pathlib.Path:
         return trainer.run_folder.metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lines_written": self.lines_written}
+        return {"records": "".join(self._lines)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lines_written = int(state["lines_written"])
+        self._lines = str(state["records"]).splitlines(keepends=True)
         self._restored = True
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as null, at any depth, as JSON has no literal for them (strict
+    parsers refuse Python's bare ``NaN``; JavaScript's JSON.stringify writes null too)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
 
 
 class EarlyStopping(Callback):

@@ -1,25 +1,67 @@
-"""``phasetrain run CONFIG [key=value ...]`` and ``phasetrain resume RUN_DIR``."""
+"""The command line: ``phasetrain run | resume | graph | plan`` (also ``python -m phasetrain``).
+
+Errors of the user's input or machine (a bad config, a full disk, a busy run folder) print one
+``phasetrain: error: ...`` line and exit 2; a stop signal exits 130 (SIGINT) or 143 (SIGTERM) after its
+checkpoint; phasetrain's warnings print as one ``phasetrain: warning: ...`` line each.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import pathlib
 import sys
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
 from phasetrain.errors import PhasetrainError
 
+if TYPE_CHECKING:
+    from phasetrain.signals import RunInterrupted
+
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan}
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return commands_by_name[args.command](args)
+        except PhasetrainError as exc:
+            print(f"phasetrain: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            if exc.errno not in _PATH_ERRORS:
+                raise
+            print(f"phasetrain: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+            return 2
+        except _interrupted() as exc:
+            print(f"phasetrain: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:  # Ctrl-C before the run's own handler is installed (or a second one)
+            print("\nphasetrain: interrupted (SIGINT) before a checkpoint could be written; whatever was saved "
+                  "before is intact", file=sys.stderr)
+            return 130
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phasetrain", description="Train PyTorch models by walking a phase graph.")
+    parser.add_argument("--version", action="version", version=f"phasetrain {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="train from a YAML/JSON config",
                               description="Train from a config file; key=value overrides use dotted keys.")
     run.add_argument("config", type=pathlib.Path, help="YAML or JSON run config")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=3 run_dir=runs/x")
+    run.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.epochs=3 run_dir=runs/x")
     resume = commands.add_parser("resume", help="continue an interrupted run from its folder",
                                  description="Continue a run from its latest intact checkpoint (or --checkpoint).")
     resume.add_argument("run_dir", type=pathlib.Path, help="the run folder (holds config.yaml and checkpoints/)")
-    resume.add_argument("--checkpoint", default="latest", help="a checkpoint folder; default: latest intact")
+    resume.add_argument("--checkpoint", default="latest",
+                        help="a checkpoint folder, or its name in RUN_DIR/checkpoints; default: latest intact")
+    resume.add_argument("--from-other-run", action="store_true",
+                        help="allow --checkpoint to name another run folder's checkpoint (continue from it here)")
+    resume.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="config changes; applied where the checkpoint allows (e.g. train.epochs=12), "
+                             "refused otherwise")
     graph = commands.add_parser("graph", help="draw the phase graph of a config or a run folder",
                                 description="Draw the phase graph. For a run folder, the phase the run is in "
                                             "or stopped in is highlighted.")
@@ -27,28 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     graph.add_argument("--format", choices=("mermaid", "dot", "svg", "png"), default=None,
                        help="default: from -o's suffix, else mermaid")
     graph.add_argument("-o", "--output", type=pathlib.Path, help="write to this file instead of stdout")
-    graph.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for run")
+    graph.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, as for run")
     plan = commands.add_parser("plan", help="print the phases a run will walk, without training",
                                description="Print, epoch by epoch, the phases the run will walk and why. Builds "
                                            "the data (for the step count), but no model, optimizer or Accelerator.")
     plan.add_argument("source", type=pathlib.Path, help="a YAML/JSON config, or a run folder")
-    plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=6")
-    args = parser.parse_args(argv)
-    commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan}
-    try:
-        return commands_by_name[args.command](args)
-    except PhasetrainError as exc:
-        print(f"phasetrain: error: {exc}", file=sys.stderr)
-        return 2
-    except _interrupted() as exc:
-        print(f"phasetrain: {exc}", file=sys.stderr)
-        return 143
+    plan.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.epochs=6")
+    return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
+    from phasetrain.run_folder import RunFolder
     ensure_importable_cwd()
-    _train(RunConfig.from_file(args.config, overrides=args.overrides), resume=None)
+    config = RunConfig.from_file(args.config, overrides=args.overrides)
+    folder = RunFolder(config.run_dir, _is_main_process())
+    folder.refuse_if_occupied(config)  # in a blink, before the model, the data and the dry run are built
+    with folder.locked():
+        _train(config, resume=None)
     return 0
 
 
@@ -63,28 +101,59 @@ def _resume(args: argparse.Namespace) -> int:
     if folder.finished:  # answered without building the run
         print(f"run {args.run_dir} is finished ({folder.final_weights.name} written); nothing to resume")
         return 0
-    config = RunConfig.from_file(folder.config_file)
+    fixed = [o for o in args.overrides if o.partition("=")[0].strip() in ("run_dir", "overwrite")]
+    if fixed:
+        raise RunDirError(f"{', '.join(fixed)}: a resume continues the run in its own folder, {args.run_dir}; "
+                          "to start elsewhere from one of its checkpoints, use 'phasetrain resume OTHER_DIR "
+                          "--checkpoint CHECKPOINT --from-other-run'")
+    config = RunConfig.from_file(folder.config_file, overrides=args.overrides)
     config.run_dir = args.run_dir  # set, not parsed: a folder named like a date or a number stays a path
-    _train(config, resume=args.checkpoint)
+    missing = [name for name in ("model", "data") if getattr(config, name) is None]
+    if missing:
+        raise RunDirError(f"{args.run_dir} was trained from Python objects (its config.yaml names no "
+                          f"{' and no '.join(missing)}), so the command line cannot rebuild it; resume it from "
+                          "Python with the same objects: Trainer(config, model=..., ...).run(resume='latest')")
+    with RunFolder(args.run_dir, _is_main_process()).locked():
+        _train(config, resume=args.checkpoint, from_other_run=args.from_other_run)
     return 0
 
 
-def _train(config: Any, resume: str | None) -> None:
+def _train(config: Any, resume: str | None, from_other_run: bool = False) -> None:
+    from phasetrain.errors import RunDirError
     from phasetrain.trainer import Trainer
-    Trainer(config).run(resume=resume)
+    try:
+        Trainer(config).run(resume=resume, from_other_run=from_other_run)
+    except OSError as exc:
+        if exc.errno not in _FULL_OR_READ_ONLY:
+            raise
+        raise RunDirError(f"{exc.strerror} writing {exc.filename or 'into ' + str(config.run_dir)}; what was "
+                          f"saved before is intact: fix this, then continue with 'phasetrain resume {config.run_dir}'"
+                          ) from exc
 
 
 def _graph(args: argparse.Namespace) -> int:
     from phasetrain import render
-    from phasetrain.config import RunConfig, ensure_importable_cwd
     from phasetrain.errors import RunDirError
-    from phasetrain.graph import FIRST, build_graph
+    from phasetrain.graph import FIRST
     from phasetrain.run_folder import RunFolder
-    ensure_importable_cwd()
-    folder = RunFolder(args.source) if args.source.is_dir() else None
-    config = RunConfig.from_file(folder.config_file if folder else args.source, overrides=args.overrides)
-    graph = build_graph(config)  # no model or data needed to draw
-    highlight = (folder.position()[0] or FIRST) if folder else None
+    highlight: str | None = None
+    if args.source.is_dir():
+        # A run folder is drawn from the graph its run stored, importing nothing: drawing must not run
+        # the code its config names (and phases added in Python appear, which the config cannot name).
+        folder = RunFolder(args.source)
+        if args.overrides:
+            raise RunDirError(f"overrides {args.overrides} given with run folder {folder.path}: a run's graph is "
+                              "the one it ran with; give a config file to draw it with overrides")
+        if not folder.graph_file.is_file():
+            raise RunDirError(f"run folder {folder.path} has no {folder.graph_file.name} (it was written by an older "
+                              "phasetrain, or its run failed before setup finished); draw the graph from its config, "
+                              f"which imports the config's phases: phasetrain graph {folder.config_file}")
+        graph, highlight = render.GraphView.read(folder.graph_file), folder.position()[0] or FIRST
+    else:  # a config is code: drawing it builds its phases (no model or data)
+        from phasetrain.config import RunConfig, ensure_importable_cwd
+        from phasetrain.graph import build_graph
+        ensure_importable_cwd()
+        graph = render.describe(build_graph(RunConfig.from_file(args.source, overrides=args.overrides)))
     fmt = args.format or (render.format_of(args.output) if args.output else "mermaid")
     if args.output:
         if not args.output.parent.is_dir():
@@ -108,7 +177,33 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupted() -> type[Exception]:
+def _is_main_process() -> bool:
+    # Before accelerate is imported: a launcher (torchrun, accelerate launch) sets RANK for each process.
+    return os.environ.get("RANK", "0") == "0"
+
+
+#: Write errors that are about the machine, not a bug: one line naming the run folder, exit 2.
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+#: A path the user gave that the system refuses (too long, not a folder, not allowed): one line, exit 2.
+_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP}
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """phasetrain's own warnings as one ``phasetrain: warning: ...`` line; others as Python shows them."""
+    if pathlib.Path(filename).resolve().is_relative_to(pathlib.Path(__file__).parent):
+        print(f"phasetrain: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _version() -> str:
+    from phasetrain import __version__
+    return __version__
+
+
+def _interrupted() -> type[RunInterrupted]:
     from phasetrain.signals import RunInterrupted
     return RunInterrupted
 

@@ -57,7 +57,8 @@ class TrainLoss:
         self.samples = 0
         self._read_sum, self._read_samples = 0.0, 0  # sum and samples at the last step record
         self.step_loss = torch.zeros((), device=device)
-        self._fed = False  # whether micro-batches were added since the last optimizer step
+        self._step: list[tuple[torch.Tensor, int]] = []  # this optimizer step's micro-batches, not yet summed
+        self._dropped = False
 
     def begin(self, epoch: int) -> None:
         """Start ``epoch``'s sums, unless they are already that epoch's (a resumed run continues them)."""
@@ -66,22 +67,29 @@ class TrainLoss:
             self._reset(0.0, 0)
 
     def add(self, loss: torch.Tensor, batch_size: int, group_size: int, first_in_group: bool) -> None:
-        """One micro-batch's detached (undivided) loss."""
-        self._sum.add(loss, batch_size)
-        self.samples += batch_size
-        self._fed = True
+        """One micro-batch's detached (undivided) loss; it joins the sums when its optimizer step ends."""
+        self._step.append((loss, batch_size))
         if group_size == 1:
             self.step_loss = loss
         else:
             part = loss / group_size
             self.step_loss = part if first_in_group else self.step_loss + part
 
+    def drop_step(self) -> None:
+        """Leave the current optimizer step's micro-batches out of the sums (its loss was not finite)."""
+        self._step.clear()
+        self._dropped = True
+
     def end_step(self, loss: torch.Tensor) -> None:
-        """Close an optimizer step. A loop that added no micro-batches (a ``train_epoch`` of your own)
-        counts the step's loss once, so its step records still carry a loss."""
-        if not self._fed:
+        """Close an optimizer step: its micro-batches join the sums. A loop that added none (a
+        ``train_epoch`` of your own) counts the step's loss once, so its step records still carry a loss."""
+        if not self._step and not self._dropped:
             self.add(loss.detach(), 1, 1, first_in_group=True)
-        self._fed = False
+        for micro_batch_loss, batch_size in self._step:
+            self._sum.add(micro_batch_loss, batch_size)
+            self.samples += batch_size
+        self._step.clear()
+        self._dropped = False
 
     def mean_since_last_read(self) -> float:
         """Mean loss of this process's samples since the previous call (one device sync)."""

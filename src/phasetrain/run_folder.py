@@ -5,13 +5,18 @@ one is left for ``phasetrain resume``, unless the config says ``overwrite: true`
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
 import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from phasetrain.errors import RunDirError
@@ -21,6 +26,10 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from phasetrain.config import RunConfig
+
+#: Run folders whose lock this process holds (resolved paths).
+_HELD: set[pathlib.Path] = set()
+
 
 class RunFolder:
     """The paths of one run, the one place they are spelled, and the few writes that touch them outside
@@ -48,6 +57,10 @@ class RunFolder:
         return self.path / "checkpoints"
 
     @property
+    def graph_file(self) -> pathlib.Path:
+        return self.path / "graph.json"
+
+    @property
     def finished(self) -> bool:
         """A run that reached ``done`` wrote its final weights; there is nothing to resume."""
         return self.final_weights.exists()
@@ -56,19 +69,112 @@ class RunFolder:
         return any(path.exists() for path in self._run_files())
 
     def _run_files(self) -> tuple[pathlib.Path, ...]:
-        return self.config_file, self.metrics, self.final_weights, self.checkpoints
+        return self.config_file, self.metrics, self.final_weights, self.checkpoints, self.graph_file
 
-    def claim(self, config: RunConfig) -> None:
-        """Create the folder for a new run and write ``config.yaml``; refuse one that holds a run."""
+    def claim(self, config: RunConfig, graph: str) -> None:
+        """Create the folder for a new run and write its recipe; refuse one that holds a run."""
         if not self.is_main_process:
             return
-        if self.holds_run():
-            if not (config.overwrite or self.restarting):
-                raise RunDirError(self._occupied_message())
+        self.refuse_if_occupied(config)
+        if self.holds_run():  # overwrite, or a resume that found no checkpoint and starts over
             for target in self._run_files():
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_file, config.to_yaml())
+        self.write_recipe(config, graph)
+
+    def write_recipe(self, config: RunConfig, graph: str) -> None:
+        """``config.yaml`` and ``graph.json`` (a JSON description of the phase graph): what the folder alone
+        needs to repeat the run and to draw it. Main process only."""
+        if self.is_main_process:
+            atomic_write_text(self.config_file, config.to_yaml())
+            atomic_write_text(self.graph_file, graph)
+
+    def refuse_if_occupied(self, config: RunConfig) -> None:
+        """Refuse a folder that cannot take a new run: a file, or one holding a run (unless overwriting).
+        Cheap, so the command line calls it before building anything."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run_dir {str(self.path)!r} is a file, not a folder; choose another run_dir")
+        if self.holds_run() and not (config.overwrite or self.restarting):
+            raise RunDirError(self._occupied_message())
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the folder for the life of a run or resume (main process only).
+
+        An OS lock (a POSIX record lock) on ``RUN_DIR/.lock``, so the kernel releases it when the process
+        dies: a ``kill -9`` never leaves a stale lock. A second process gets a RunDirError naming the holder.
+        Re-entrant within a process (the command line takes it before building the trainer, the
+        trainer again in ``run()``). Leftover temporary files of killed runs are removed under it.
+        """
+        key = self.path.resolve()
+        if not self.is_main_process or key in _HELD:
+            yield
+            return
+        created = not self.path.exists()
+        fd = self._acquire()
+        _HELD.add(key)
+        try:
+            self.remove_leftovers()
+            yield
+        finally:
+            _HELD.discard(key)
+            if created and [p.name for p in self.path.iterdir()] == [".lock"]:
+                # Nothing was written (a check failed): leave no folder behind. Unlinked while still held,
+                # so a process that opened this file meanwhile sees it is gone and starts over (_acquire).
+                (self.path / ".lock").unlink()
+                with suppress(OSError):  # another process has just created its own lock file in it
+                    self.path.rmdir()
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _acquire(self) -> int:
+        fd = self._open_lock()
+        try:
+            # A POSIX record lock, not flock(): it belongs to this process alone, so DataLoader workers forked
+            # from it (which inherit the descriptor) do not keep it held after a kill -9 of this process.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            message = self._busy_message(fd)
+            os.close(fd)
+            raise RunDirError(message) from None
+        if not _same_file(fd, self.path / ".lock"):  # its last holder removed it while we opened it
+            os.close(fd)
+            return self._acquire()
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {' '.join(sys.argv)}\n".encode())
+        return fd
+
+    def _open_lock(self) -> int:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run_dir {str(self.path)!r} is a file, not a folder; choose another run_dir")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise RunDirError(f"run folder {str(self.path)!r} is not writable ({exc.strerror}); "
+                              "choose a run_dir you can write to, or fix its permissions") from None
+
+    def _busy_message(self, fd: int) -> str:
+        holder = ""
+        for _ in range(20):  # the holder writes its pid right after taking the lock
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            if holder:
+                break
+            time.sleep(0.05)
+        holder = holder or "unknown"
+        pid, _, command = holder.partition(" ")
+        return (f"run folder {str(self.path)!r} is in use by process {pid}"
+                f"{f' ({command})' if command else ''}; wait for it to finish or stop it, then try again")
+
+    def remove_leftovers(self) -> None:
+        """Delete the temporary files and folders that kills leave behind (``.config.yaml.*.tmp``,
+        ``checkpoints/.tmp-*``, ``checkpoints/.latest.*.tmp``). Only under the lock: another live
+        process could be writing them otherwise. ``.old-*`` checkpoints are intact copies and stay."""
+        for folder in (self.path, self.checkpoints):
+            if folder.is_dir():
+                for leftover in [*folder.glob(".*.tmp"), *folder.glob(".tmp-*")]:
+                    shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
     def _occupied_message(self) -> str:
         if self.finished:
@@ -82,18 +188,24 @@ class RunFolder:
         (None when it has none)."""
         if self.finished:
             return "done", 0, 0
-        pointer = self.checkpoints / "latest"
-        state_file = self.checkpoints / pointer.read_text().strip() / "state.json" if pointer.is_file() else None
-        if state_file is None or not state_file.is_file():
+        latest = read_latest(self.checkpoints)
+        state_file = latest / "state.json" if latest else None
+        if state_file is None:
             return None, 0, 0
-        state = json.loads(state_file.read_text())["state"]
-        return str(state["phase"]), int(state["epoch"]), int(state["optimizer_step"])
+        try:  # a damaged state.json: where the run stands is unknown, which is no reason to fail drawing it
+            state = json.loads(state_file.read_text())["state"]
+            return str(state["phase"]), int(state["epoch"]), int(state["optimizer_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, 0, 0
 
     def describe_position(self) -> str:
         """Where the run stands, in a line: finished, not started, or its latest checkpoint's position."""
         phase, epoch, step = self.position()
         if phase == "done":
             return f"{self.path}: finished"
+        if phase is None and any(self.checkpoints.glob("epoch*")):
+            return (f"{self.path}: its latest checkpoint cannot be read; 'phasetrain resume {self.path}' continues "
+                    "from the newest intact one")
         if phase is None:
             return f"{self.path}: no checkpoint yet; 'phasetrain resume {self.path}' starts it from the beginning"
         return (f"{self.path}: latest checkpoint in {phase} of epoch {epoch}, after step {step}; "
@@ -107,6 +219,33 @@ class RunFolder:
             with atomic_path(self.final_weights) as tmp:
                 save_model(accelerator.unwrap_model(model), str(tmp))
         accelerator.wait_for_everyone()
+
+
+def read_latest(checkpoints: pathlib.Path) -> pathlib.Path | None:
+    """The checkpoint folder ``checkpoints/latest`` names, or None when it names none that could be one.
+
+    The pointer holds a folder name and nothing else: garbage, a path (``../other-run/...``) or a name
+    outside this folder counts as naming nothing, so a resume falls back to the newest intact checkpoint
+    and never follows it into another run.
+    """
+    pointer = checkpoints / "latest"
+    if pointer.exists() and not pointer.is_file():
+        raise RunDirError(f"{pointer} is a {'folder' if pointer.is_dir() else 'special file'}, not the one-line "
+                          "file phasetrain keeps there; move it out of the checkpoints folder")
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not name or name in (".", "..", "latest") or "/" in name or "\0" in name:
+        return None
+    return checkpoints / name
+
+
+def _same_file(fd: int, path: pathlib.Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -125,6 +264,7 @@ def atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
     tmp = pathlib.Path(name)
     try:
         yield tmp
+        follow_umask(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
@@ -139,3 +279,17 @@ def fsync_path(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+
+def follow_umask(path: pathlib.Path) -> None:
+    """Give ``path`` the mode any new file gets: mkstemp and safetensors create files 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@functools.cache
+def _umask() -> int:
+    # The umask can only be read by setting it: set it straight back, once per process.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

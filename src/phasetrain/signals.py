@@ -15,11 +15,16 @@ AGREE_EVERY = 16
 
 
 class RunInterrupted(Exception):
-    """Raised after a SIGTERM/SIGINT: the current optimizer step finished and a checkpoint was written."""
+    """Raised after a SIGTERM/SIGINT: the current optimizer step finished and a checkpoint was written.
+    ``exit_code`` is the shell's convention for the signal: 130 for SIGINT, 143 for SIGTERM."""
 
-    def __init__(self, signal_name: str, checkpoint: pathlib.Path, run_dir: pathlib.Path) -> None:
+    def __init__(self, signum: int, checkpoint: pathlib.Path, run_dir: pathlib.Path, from_python: bool = False) -> None:
         self.checkpoint = checkpoint
-        super().__init__(f"{signal_name} received: saved {checkpoint}; resume with 'phasetrain resume {run_dir}'")
+        self.exit_code = 128 + signum
+        how = ("resume it from Python with the same objects: Trainer(config, model=..., ...).run(resume='latest') "
+               "(its config.yaml does not name them all, so 'phasetrain resume' cannot rebuild it)" if from_python
+               else f"resume with 'phasetrain resume {run_dir}'")
+        super().__init__(f"{signal.Signals(signum).name} received: saved {checkpoint}; {how}")
 
 
 class StopSignals:
@@ -33,8 +38,9 @@ class StopSignals:
         self.received: int | None = None
 
     @property
-    def name(self) -> str:
-        return signal.Signals(self.received or signal.SIGTERM).name
+    def received_signal(self) -> int:
+        """The signal received (SIGTERM when another process of the run received it)."""
+        return int(self.received or signal.SIGTERM)
 
     def pending(self, optimizer_step: int | None = None) -> bool:
         """Whether a stop signal arrived in any process. Mid-epoch (``optimizer_step`` given) several

@@ -15,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import warnings
@@ -35,12 +36,13 @@ from phasetrain.checks import check_loss_step, check_model_fits_loss
 from phasetrain.components import as_config, build_components
 from phasetrain.conditions import Condition
 from phasetrain.config import RunConfig
-from phasetrain.errors import GraphError
+from phasetrain.errors import ConfigError, GraphError, NonFiniteLossError
 from phasetrain.graph import LAST, Edge, build_graph
 from phasetrain.history import RunHistory
 from phasetrain.losses import TrainLoss
 from phasetrain.machine import PhaseMachine
 from phasetrain.phases import Phase, prefixed
+from phasetrain.resume_changes import apply_changes, refuse_changes
 from phasetrain.rng import ProcessRNG
 from phasetrain.run_folder import RunFolder
 from phasetrain.signals import RunInterrupted, StopSignals
@@ -71,6 +73,9 @@ class Trainer(TrainerSteps):
                  train_data: Dataset[Any] | None = None, eval_data: Dataset[Any] | None = None,
                  metrics: Mapping[str, Any] | None = None, callbacks: Iterable[Callback] | None = None) -> None:
         self.config = cfg = as_config(config)
+        given = {"model": model, "loss_fn": loss_fn, "optimizer": optimizer, "train_data": train_data,
+                 "eval_data": eval_data, "metrics": metrics}
+        self._objects = sorted(name for name, obj in given.items() if obj is not None)  # what config.yaml lacks
         self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision)
         set_seed(cfg.seed)  # before the model is built, so its initial weights follow the seed
         parts = build_components(cfg, model=model, loss_fn=loss_fn, optimizer=optimizer, train_data=train_data,
@@ -158,36 +163,58 @@ class Trainer(TrainerSteps):
         return [cb for cb in self.callbacks if cb not in self._bookkeeping]
 
     # ---- the run ------------------------------------------------------------------------------------
-    def run(self, resume: str | os.PathLike[str] | None = None) -> RunHistory:
+    def run(self, resume: str | os.PathLike[str] | None = None, *, from_other_run: bool = False) -> RunHistory:
         """Walk the graph to ``done``; returns the run history.
 
-        ``resume="latest"`` (or a checkpoint folder) restores the saved run exactly and continues in
-        the saved phase; a mid-epoch checkpoint skips the consumed batches without loading them.
+        ``resume="latest"`` (or a checkpoint folder or name) restores the saved run exactly and continues
+        in the saved phase; a mid-epoch checkpoint skips the consumed batches without loading them.
+        A checkpoint of another run folder is refused unless ``from_other_run``. Config changes since the
+        checkpoint are applied where the saved state allows it (named in a warning), refused otherwise.
         """
-        if resume is not None and not self._resume(resume):
+        if resume is not None and self.run_folder.finished:  # answered without touching the folder
+            say(f"run {self.run_folder.path} is finished ({self.run_folder.final_weights.name} written); "
+                "nothing to resume")
             return self.run_history
-        with self._signals.installed():
-            self._walk()
+        with self.run_folder.locked():  # one process per run folder, for the whole run
+            if resume is None:
+                self.run_folder.refuse_if_occupied(self.config)  # before the dry run, not after it
+            else:
+                self._resume(resume, from_other_run)
+            with self._signals.installed():
+                self._walk()
         return self.run_history
 
-    def _resume(self, which: str | os.PathLike[str]) -> bool:
-        """Load the checkpoint to continue from; False when the run is finished already."""
+    def _resume(self, which: str | os.PathLike[str], from_other_run: bool) -> None:
+        """Load the checkpoint to continue from, and apply the config changes it allows."""
         folder = self.run_folder
-        if folder.finished:
-            say(f"run {folder.path} is finished ({folder.final_weights.name} written); nothing to resume")
-            return False
         if str(which) == "latest" and not self._checkpoints.all():
             warnings.warn(f"no checkpoint in {folder.checkpoints} yet: starting the run from the beginning",
                           stacklevel=3)
             folder.restarting = True
-            return True
-        path, self.state = self._checkpoints.resume(which, self.config, self._to_save(), self._per_process())
+            return
+        current, saved_config = self.config.to_dict(), {}
+
+        def refuse(path: pathlib.Path, saved: dict[str, Any]) -> None:  # before anything is loaded
+            saved_config.update(saved["config"])
+            refuse_changes(saved["config"], current, path.name, int(saved["state"]["epoch"]))
+            missing = [name for name in saved.get("objects", []) if name not in self._objects]
+            if missing:  # the config would build something else in their place: another run, silently
+                raise ConfigError(f"checkpoint {path.name} was made with {', '.join(missing)} given as Python "
+                                  "objects, which config.yaml does not hold; resume from Python with the same "
+                                  f"objects: Trainer(config, {missing[0]}=...).run(resume='latest')")
+
+        path, self.state = self._checkpoints.resume(which, self.config, self._to_save(), self._per_process(),
+                                                    from_other_run=from_other_run, check=refuse)
+        changes = apply_changes(saved_config, current, self.optimizer.optimizer)
+        if changes:
+            warnings.warn(changes, stacklevel=3)
+            folder.write_recipe(self.config, self._graph_description())  # what the run now runs with
         if self.accelerator.is_main_process:
             say(f"resuming {folder.path} from {path.name}: epoch {self.state.epoch}, step "
                 f"{self.state.optimizer_step}, in {self.state.phase}")
-        return True
 
     def _walk(self) -> None:
+        self.callbacks.check()  # the graph is final now: every phase hook must name one of its phases
         self._started = True
         walker = self.machine.walker(self.state, self._entered, self._exited)
         try:
@@ -205,6 +232,9 @@ class Trainer(TrainerSteps):
                 walker.next_phase()
             self.training_run_end()
             self.callbacks.fire("on_run_end", self)
+        except BaseException as exc:  # a stop signal's RunInterrupted too: bars close, the line stands alone
+            self.callbacks.fire("on_exception", self, exc)
+            raise
         finally:
             self.machine.release(walker)
 
@@ -233,7 +263,8 @@ class Trainer(TrainerSteps):
         if phase_finished:
             self.state.phase_complete = True
         return self._checkpoints.save(self.state, self._to_save(), self._per_process(),
-                                      {"config": self.config.to_dict(), "monitor": self._monitor.value_now(self.state)})
+                                      {"config": self.config.to_dict(), "monitor": self._monitor.value_now(self.state),
+                                       "objects": self._objects})
 
     def _to_save(self) -> dict[str, Any]:
         # Largest first (AdamW's state is twice the model): each file's fsync overlaps writing the next.
@@ -246,7 +277,7 @@ class Trainer(TrainerSteps):
 
     def _stop_for_signal(self) -> None:
         path = self.save_checkpoint()
-        raise RunInterrupted(self._signals.name, path, self.run_folder.path)
+        raise RunInterrupted(self._signals.received_signal, path, self.run_folder.path, bool(self._objects))
 
     # ---- what the built-in phases call ---------------------------------------------------------------
     def setup_run(self) -> None:
@@ -258,7 +289,11 @@ class Trainer(TrainerSteps):
             check_loss_step(self.calculate_eval_batch_loss, self.model, batch, type(self).__name__)
         elif batch is not None:
             check_model_fits_loss(self.model, self.loss_fn, batch)
-        self.run_folder.claim(self.config)
+        self.run_folder.claim(self.config, self._graph_description())
+
+    def _graph_description(self) -> str:
+        from phasetrain.render import describe  # `phasetrain graph RUN_DIR` draws it, importing no phase
+        return describe(self.machine.graph).to_json()
 
     def train_epoch(self) -> None:
         """One epoch of optimizer steps on this process's shard. After a mid-epoch resume it continues from
@@ -285,18 +320,51 @@ class Trainer(TrainerSteps):
             self._train_loss.add(output["loss"].detach(), int(output["batch_size"]), group_size, state.micro_step == 1)
             state.batch_in_epoch += 1
             if last:
-                self._update_weights()
+                self._update_weights(skip=not self._step_loss_is_finite(group_size))
                 if state.stop_requested:
                     break
         if state.micro_step:  # an iterable dataset ended inside an accumulation group
-            self._update_weights()
+            self._update_weights(skip=not self._step_loss_is_finite(state.micro_step))
         self.scheduler_step("epoch")
         self.log({"train/loss": self._train_loss.epoch_mean(self._sum_over_processes), "train/lr": self._lr()})
         self.train_epoch_end()
 
-    def _update_weights(self) -> None:
-        self.clip_gradients()
-        self.optimizer_step()
+    def _step_loss_is_finite(self, micro_batches: int) -> bool:
+        """Whether this optimizer step's loss is finite on every process, asked before the step updates the
+        weights. A non-finite one stops the run (NonFiniteLossError), or with ``train.nonfinite_loss: skip``
+        the step is skipped and its loss left out of the means: then this returns False.
+
+        Note: one host sync per optimizer step, after the step's last backward was queued; with several
+        processes also one tiny all-reduce, because the gradients are averaged: every process must decide
+        alike, or one would step with the NaN another skipped.
+        """
+        value = self._train_loss.step_loss.item()
+        finite = math.isfinite(value)  # on the host: torch.isfinite on a 0-d tensor costs 20x more on a CPU
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(0.0 if finite else 1.0, device=self.accelerator.device)
+            finite = not self.accelerator.reduce(flag, reduction="sum").item()
+        if finite:
+            return True
+        state = self.state
+        first = state.batch_in_epoch - micro_batches
+        batches = f"batch {first}" if micro_batches == 1 else f"batches {first}-{state.batch_in_epoch - 1}"
+        where = (f"{f'({value})' if not math.isfinite(value) else 'on another process'} at epoch {state.epoch}, "
+                 f"optimizer step {state.optimizer_step + 1} ({batches} of the epoch, counting from 0)")
+        if self.config.train.nonfinite_loss == "skip":
+            warnings.warn(f"non-finite loss {where}: optimizer step skipped", stacklevel=3)
+            self._train_loss.drop_step()
+            return False
+        latest = self._checkpoints.all()
+        raise NonFiniteLossError(
+            f"non-finite loss {where}: stopped before the weights were updated; "
+            f"{f'the last checkpoint, {latest[-1].name}, is intact' if latest else 'no checkpoint was written'}. "
+            "Look for NaN/inf in the inputs or a too-high learning rate, or set train.nonfinite_loss=skip "
+            "to skip such steps")
+
+    def _update_weights(self, skip: bool = False) -> None:
+        if not skip:  # a skipped step's gradients are dropped by the zero_grad below
+            self.clip_gradients()
+            self.optimizer_step()
         self.scheduler_step("step")
         self.optimizer_zero_grad()
         self.end_optimizer_step(self._train_loss.step_loss)

@@ -1,0 +1,99 @@
+"""What a resumed run may change in its config, and how a change is applied.
+
+A checkpoint restores the optimizer's state, learning rate included, so a config edited between a
+stop and its resume would be ignored silently if nothing else happened. The rule instead: a change
+the saved state can carry forward is applied and named in one warning; any other change is refused
+before anything runs, with what to do. Never a warning that says one thing while the run does another.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from phasetrain.errors import ConfigError
+
+#: Dotted keys (or prefixes ending in ".") a resume may change.
+APPLICABLE = ("train.epochs", "train.log_every_steps", "train.progress_bar", "train.num_workers",
+              "train.eval_batch_size", "train.eval_every", "train.max_grad_norm", "train.nonfinite_loss",
+              "checkpoint.", "optimizer.args.", "metrics", "callbacks")
+
+#: Optimizer hyperparameters a scheduler may set every step (OneCycleLR and CyclicLR cycle the momentum too).
+SCHEDULED = ("lr", "momentum", "betas")
+
+#: Changes that cannot change the trained weights.
+NO_EFFECT = ("train.log_every_steps", "train.progress_bar", "checkpoint.")
+
+
+def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (run_dir and overwrite do not change the run's result)."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in ("run_dir", "overwrite"):
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, f"{dotted}.")
+        elif a != b:
+            changed.append(dotted)
+    return changed
+
+
+def refuse_changes(saved: dict[str, Any], current: dict[str, Any], checkpoint: str, epoch: int) -> None:
+    """Raise a ConfigError naming the changes from ``saved`` to ``current`` that a resume cannot make;
+    called before anything is loaded from the checkpoint (taken in ``epoch``)."""
+    changed = changed_keys(saved, current)
+    refused = [key for key in changed if not key.startswith(APPLICABLE)]
+    if refused:
+        raise ConfigError(
+            f"the config differs from checkpoint {checkpoint}'s in {_show(refused, saved, current)}, which a resumed "
+            "run cannot change (the saved state was made with the old values); restore the old values, or start a "
+            "new run with another run_dir")
+    scheduled = [key for key in changed if key in {f"optimizer.args.{name}" for name in SCHEDULED}]
+    if scheduled and current.get("scheduler"):
+        raise ConfigError(f"{', '.join(scheduled)} changed since checkpoint {checkpoint}, but the scheduler "
+                          f"{current['scheduler']['target']} sets it from its own state, so the change would not "
+                          "hold; restore the old value, or start a new run with the schedule you want")
+    epochs = current["train"]["epochs"]
+    if epochs < epoch:
+        raise ConfigError(f"train.epochs={epochs}, but checkpoint {checkpoint} is in epoch {epoch}: "
+                          f"give train.epochs >= {epoch}")
+
+
+def apply_changes(saved: dict[str, Any], current: dict[str, Any], optimizer: Any) -> str | None:
+    """Apply the changes ``refuse_changes`` allowed to the restored ``optimizer`` (the epochs come with the
+    run state); returns the warning that names every change, or None when nothing changed."""
+    changed = changed_keys(saved, current)
+    if not changed:
+        return None
+    for key in changed:
+        if key.startswith("optimizer.args."):
+            _set_hyperparameter(optimizer, key.removeprefix("optimizer.args."), _get(current, key))
+    message = f"resuming with config changes, applied from here on: {_show(changed, saved, current)}"
+    if not all(key.startswith(NO_EFFECT) for key in changed):
+        message += "; the result may no longer be bitwise the uninterrupted run's"
+    return message
+
+
+def _set_hyperparameter(optimizer: Any, name: str, value: Any) -> None:
+    """Set ``name`` in every parameter group (as the optimizer's constructor would have)."""
+    groups = optimizer.param_groups
+    if "." in name or any(name not in group for group in groups):
+        raise ConfigError(f"optimizer.args.{name} changed, but it is not a hyperparameter "
+                          f"{type(optimizer).__name__} keeps per parameter group, so a resume cannot apply it; "
+                          "restore the old value or start a new run")
+    for group in groups:
+        group[name] = tuple(value) if isinstance(group[name], tuple) else value
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _show(keys: list[str], saved: dict[str, Any], current: dict[str, Any]) -> str:
+    def value(config: dict[str, Any], key: str) -> str:
+        got = _get(config, key)
+        return "(not set)" if got is None else repr(got)
+    return ", ".join(f"{key} {value(saved, key)} -> {value(current, key)}" for key in keys)
