@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 from typing import Any
 
@@ -14,6 +15,15 @@ from phasetrain import Callback, RunConfig
 # Tiny models on a shared 2-core machine: a second intra-op thread costs more than it brings, and the
 # doc pages and subprocesses of the suite run beside these tests.
 torch.set_num_threads(1)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a phasetrain subprocess: this checkout's sources first (so a scratch copy, as
+    tools/mutants.py makes, is what runs), then the project folder (examples, tests)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), **extra}
 
 
 @functools.cache

@@ -28,7 +28,7 @@ from phasetrain import DataError, RunConfig, Trainer
 from phasetrain.batches import RunData
 from phasetrain.config import TrainConfig
 from phasetrain.data import EpochBatchSampler
-from tests.conftest import digits_config
+from tests.conftest import digits_config, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AT = 1000  # the faulty train item: every epoch reads it, at a batch that depends on the shuffle
@@ -262,7 +262,7 @@ def write_config(folder: pathlib.Path, config: RunConfig) -> pathlib.Path:
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess_env(PYTHONUNBUFFERED="1")
 
 
 class IterableWithNone(torch.utils.data.IterableDataset[Any]):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,14 +11,14 @@ import torch
 from safetensors.torch import load_file, load_model
 
 from examples.digits import make_model
-from tests.conftest import digits
+from tests.conftest import digits, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def two_processes(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "-m", "tests.distributed_job", *args],
                           check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

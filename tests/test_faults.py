@@ -22,7 +22,7 @@ from examples.digits import make_model
 from phasetrain import Callback, ConfigError, NonFiniteLossError, RunConfig, RunInterrupted, Trainer
 from phasetrain.cli import main
 from phasetrain.run_folder import RunFolder
-from tests.conftest import digits, digits_config
+from tests.conftest import digits, digits_config, subprocess_env
 from tests.test_resume import Crash, CrashAt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def records(run_dir: pathlib.Path) -> list[dict[str, Any]]:
 def cli(*args: str, cwd: pathlib.Path = ROOT, env: dict[str, str] | None = None,
         **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "phasetrain", *args], cwd=cwd, capture_output=True, text=True, check=False,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, **kwargs)
+                          timeout=120, env=subprocess_env(**(env or {})), **kwargs)
 
 
 def cli_here(*args: str) -> subprocess.CompletedProcess[str]:
@@ -131,7 +131,7 @@ HOLD_LOCK = ("import os, pathlib, sys, time\nfrom phasetrain.run_folder import R
 def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path: pathlib.Path) -> None:
     interrupted_run(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              text=True, env=subprocess_env())
     try:
         assert holder.stdout is not None
         ready, child = holder.stdout.readline().split()
@@ -152,7 +152,7 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path
 @pytest.mark.slow
 def test_two_runs_racing_for_one_folder(tmp_path: pathlib.Path) -> None:
     args = ["examples/digits.yaml", f"run_dir={tmp_path / 'run'}", "train.epochs=1", "train.progress_bar=false"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     both = [subprocess.Popen([sys.executable, "-m", "phasetrain", "run", *args], cwd=ROOT, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = [(p.wait(timeout=120), p.communicate()[1]) for p in both]
@@ -316,7 +316,7 @@ def test_ctrl_c_prints_on_its_own_line_and_exits_130(tmp_path: pathlib.Path) -> 
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "phasetrain", "run", "examples/digits.yaml", f"run_dir={run_dir}",
                              "train.log_every_steps=2"], cwd=ROOT, stderr=subprocess.PIPE,  # bytes: \r kept
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stdout=subprocess.PIPE, env=subprocess_env())
     deadline = time.monotonic() + 60
     while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -2,7 +2,6 @@
 the result must be the uninterrupted run's, bit for bit, and every resume must really start from a checkpoint."""
 from __future__ import annotations
 
-import os
 import pathlib
 import random
 import re
@@ -18,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from phasetrain.checkpoint_files import verify
+from tests.conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ class Job:
     """``phasetrain run JOB`` / ``phasetrain resume`` in a new process, output kept in files."""
 
     def __init__(self, run_dir: pathlib.Path, resume: bool = False, crash_in_save: int | None = None) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env = subprocess_env(PYTHONUNBUFFERED="1")
         if crash_in_save:
             env["PHASETRAIN_TEST_CRASH_IN_SAVE"] = str(crash_in_save)
         config_file = run_dir.parent / "job.yaml"
