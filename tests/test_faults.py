@@ -327,6 +327,21 @@ def test_ctrl_c_prints_on_its_own_line_and_exits_130(tmp_path: pathlib.Path) -> 
     assert re.search(r"\r\s*\rphasetrain: SIGINT received: saved .*; resume with 'phasetrain resume ", stderr), stderr
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_run_starts_stops_it_after_setup(tmp_path: pathlib.Path, signum: int, code: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "phasetrain", "run", "examples/digits.yaml",
+                             f"run_dir={tmp_path / 'run'}", "train.epochs=1"], cwd=ROOT, text=True,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=subprocess_env())
+    time.sleep(0.4)  # importing torch: long before the run's own handler is installed
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    name = signal.Signals(signum).name
+    assert stderr.strip().splitlines() == [(f"phasetrain: {name} received: saved {tmp_path}/run/checkpoints/"
+                                            f"epoch000-step0000000-setup; resume with 'phasetrain resume {tmp_path}/run'")]
+    assert cli_here("resume", str(tmp_path / "run"), "train.progress_bar=false").returncode == 0
+
+
 def test_a_run_from_python_objects_says_how_to_resume_it(tmp_path: pathlib.Path) -> None:
     class Stop(Callback):
         def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:

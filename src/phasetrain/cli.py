@@ -12,6 +12,7 @@ import os
 import pathlib
 import sys
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from phasetrain.errors import PhasetrainError
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _signals_caught_early(args.command in ("run", "resume")):
         warnings.showwarning = _show_warning
         try:
             return commands_by_name[args.command](args)
@@ -175,6 +176,12 @@ def _plan(args: argparse.Namespace) -> int:
     ensure_importable_cwd()
     print(plan_source(args.source, args.overrides))
     return 0
+
+
+def _signals_caught_early(training: bool) -> AbstractContextManager[None]:
+    # A signal while torch imports and the run is built: a checkpoint after setup, not a traceback.
+    from phasetrain.signals import caught_early  # imports no torch
+    return caught_early() if training else nullcontext()
 
 
 def _is_main_process() -> bool:

@@ -8,10 +8,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
 #: optimizer steps between signal agreements in multi-process runs (a collective, so not every step)
 AGREE_EVERY = 16
+
+#: Stop signals that arrived before a run installed its handler (see ``catch_early``).
+_EARLY: list[int] = []
+
+
+@contextmanager
+def caught_early() -> Iterator[None]:
+    """Until a run installs its own handler, remember SIGTERM/SIGINT instead of dying or raising
+    KeyboardInterrupt inside an import (which leaves torch half-imported and prints its traceback). The
+    run then stops at its first phase boundary with a checkpoint, as for a signal during training. A
+    second SIGINT means now. The command line wraps run and resume in it; the handlers are restored after."""
+    def remember(signum: int, frame: object) -> None:
+        if _EARLY and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        _EARLY.append(signum)
+
+    previous = {signum: signal.signal(signum, remember) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _EARLY.clear()
 
 
 class RunInterrupted(Exception):
@@ -50,6 +71,8 @@ class StopSignals:
             return self.received is not None
         if optimizer_step is not None and optimizer_step % AGREE_EVERY:
             return False
+        import torch  # not at the top: the command line imports this module before torch, to catch_early()
+
         # Every process must stop at the same step, or the checkpoint's collectives hang.
         flag = torch.tensor(0 if self.received is None else self.received, device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item())
@@ -58,6 +81,9 @@ class StopSignals:
     def installed(self) -> Iterator[None]:
         """Catch SIGTERM/SIGINT for the duration of the block (main thread only), then restore the handlers."""
         previous: dict[signal.Signals, Any] = {}
+        if _EARLY:  # received while the run was being built
+            self.received = _EARLY[0]
+            _EARLY.clear()
         try:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 previous[signum] = signal.signal(signum, self._on_signal)
