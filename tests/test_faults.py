@@ -342,6 +342,20 @@ def test_a_signal_while_the_run_starts_stops_it_after_setup(tmp_path: pathlib.Pa
     assert cli_here("resume", str(tmp_path / "run"), "train.progress_bar=false").returncode == 0
 
 
+def test_a_second_ctrl_c_while_the_run_starts_stops_at_once(tmp_path: pathlib.Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "phasetrain", "run", "examples/digits.yaml",
+                             f"run_dir={tmp_path / 'run'}"], cwd=ROOT, text=True, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=subprocess_env())
+    time.sleep(0.4)  # both while torch imports
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines() == [("phasetrain: interrupted (SIGINT) before a checkpoint could be written; whatever "
+                                    "was saved before is intact")]
+
+
 def test_a_run_from_python_objects_says_how_to_resume_it(tmp_path: pathlib.Path) -> None:
     class Stop(Callback):
         def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:

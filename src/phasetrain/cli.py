@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"phasetrain: {exc}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:  # Ctrl-C before the run's own handler is installed (or a second one)
-            print("\nphasetrain: interrupted (SIGINT) before a checkpoint could be written; whatever was saved "
+            print("phasetrain: interrupted (SIGINT) before a checkpoint could be written; whatever was saved "
                   "before is intact", file=sys.stderr)
             return 130
 
