@@ -162,7 +162,7 @@ class Checkpoints:
         if str(which) != "latest":
             path = self._asked_for(which, from_other_run)
             return path, open_(path)
-        named = self._latest_pointer()
+        named = read_latest(self.folder)
         for candidate in ([named] if named and named.is_dir() else []) + [c for c in reversed(self.all()) if c != named]:
             try:
                 opened = open_(candidate)
@@ -175,13 +175,9 @@ class Checkpoints:
             return candidate, opened
         raise CheckpointError(f"no intact checkpoint in {self.folder} to resume from")
 
-    def _latest_pointer(self) -> pathlib.Path | None:
-        """The checkpoint ``latest`` names (which may have been deleted since)."""
-        return read_latest(self.folder)
-
     def _latest(self) -> pathlib.Path | None:
         """The checkpoint a resume would start from: the one ``latest`` names, else the newest."""
-        named, newest = self._latest_pointer(), self.all()
+        named, newest = read_latest(self.folder), self.all()
         return named if named and named.is_dir() else (newest[-1] if newest else None)
 
     def _asked_for(self, which: str | os.PathLike[str], from_other_run: bool) -> pathlib.Path:

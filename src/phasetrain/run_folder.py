@@ -92,10 +92,13 @@ class RunFolder:
     def refuse_if_occupied(self, config: RunConfig) -> None:
         """Refuse a folder that cannot take a new run: a file, or one holding a run (unless overwriting).
         Cheap, so the command line calls it before building anything."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"run_dir {str(self.path)!r} is a file, not a folder; choose another run_dir")
+        self._refuse_a_file()
         if self.holds_run() and not (config.overwrite or self.restarting):
             raise RunDirError(self._occupied_message())
+
+    def _refuse_a_file(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run_dir {str(self.path)!r} is a file, not a folder; choose another run_dir")
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -146,8 +149,7 @@ class RunFolder:
         return fd
 
     def _open_lock(self) -> int:
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"run_dir {str(self.path)!r} is a file, not a folder; choose another run_dir")
+        self._refuse_a_file()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             return os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
