@@ -327,12 +327,25 @@ def test_ctrl_c_prints_on_its_own_line_and_exits_130(tmp_path: pathlib.Path) -> 
     assert re.search(r"\r\s*\rphasetrain: SIGINT received: saved .*; resume with 'phasetrain resume ", stderr), stderr
 
 
+def wait_until_catching_sigterm(proc: subprocess.Popen[str]) -> None:
+    """Until the process catches SIGTERM (Python does not by default; phasetrain's ``caught_early`` does):
+    on a loaded machine the interpreter can take longer to start than any fixed sleep."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = pathlib.Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.01)
+    raise AssertionError("the process never installed its SIGTERM handler")
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_the_run_starts_stops_it_after_setup(tmp_path: pathlib.Path, signum: int, code: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "phasetrain", "run", "examples/digits.yaml",
                              f"run_dir={tmp_path / 'run'}", "train.epochs=1"], cwd=ROOT, text=True,
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=subprocess_env())
-    time.sleep(0.4)  # importing torch: long before the run's own handler is installed
+    wait_until_catching_sigterm(proc)  # phasetrain's early handler is in; torch is still importing
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
@@ -346,7 +359,7 @@ def test_a_second_ctrl_c_while_the_run_starts_stops_at_once(tmp_path: pathlib.Pa
     proc = subprocess.Popen([sys.executable, "-m", "phasetrain", "run", "examples/digits.yaml",
                              f"run_dir={tmp_path / 'run'}"], cwd=ROOT, text=True, stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=subprocess_env())
-    time.sleep(0.4)  # both while torch imports
+    wait_until_catching_sigterm(proc)  # both signals while torch imports (that takes over a second)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
