@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from phasetrain import ConfigError, RunConfig, Trainer
+from phasetrain import ConfigError, ImportSpec, RunConfig, Trainer
 from tests.conftest import digits_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -214,3 +214,23 @@ def test_the_test_phase_example_evaluates_the_test_set_once_per_evaluation(tmp_p
     tests = [(r["phase"], r["epoch"], r["step"]) for r in records if any(key.startswith("test/") for key in r)]
     assert [(phase, epoch) for phase, epoch, _ in tests] == [("test", 2), ("done", 4)]
     assert len({(epoch, step) for _, epoch, step in tests}) == len(tests)
+
+
+def test_an_installed_package_that_shadows_a_project_folder_is_named(tmp_path: pathlib.Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # pytorch-accelerated's wheel installs a top-level `examples` package: a project's examples/ then fails to
+    # import although it is right there in the working folder.
+    for folder in (tmp_path / "site" / "shadowed_examples", tmp_path / "project" / "shadowed_examples"):
+        folder.mkdir(parents=True)
+    write(tmp_path / "site" / "shadowed_examples", "__init__.py", "")
+    write(tmp_path / "project" / "shadowed_examples", "models.py", "def make(): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.delitem(sys.modules, "shadowed_examples", raising=False)
+    with pytest.raises(ConfigError) as raised:
+        ImportSpec(target="shadowed_examples.models:make").resolve()
+    assert str(raised.value) == (
+        "cannot import module 'shadowed_examples.models' of target 'shadowed_examples.models:make': No module named "
+        f"'shadowed_examples.models' (the package 'shadowed_examples' was imported from {tmp_path}/site/"
+        "shadowed_examples, installed by another distribution, not from ./shadowed_examples: rename "
+        "./shadowed_examples or uninstall that package)")

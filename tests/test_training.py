@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,14 +92,17 @@ class HookRecorder(Callback):
     def on_after_backward(self, trainer: Trainer) -> None:
         self._add(trainer, "after_backward")
 
+    def on_train_batch_end(self, trainer: Trainer, batch: Any, batch_output: dict) -> None:
+        self._add(trainer, f"batch_end:{len(batch[0])}:{batch_output['batch_size']}")
+
     def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
         self._add(trainer, "step_end")
 
     def on_eval_step_start(self, trainer: Trainer) -> None:
         self._add(trainer, "eval_step_start")
 
-    def on_eval_step_end(self, trainer: Trainer, batch_output: dict) -> None:
-        self._add(trainer, "eval_step_end")
+    def on_eval_step_end(self, trainer: Trainer, batch: Any, batch_output: dict) -> None:
+        self._add(trainer, f"eval_step_end:{len(batch[0])}")
 
 
 def test_hooks_fire_in_order_exactly_as_often_as_they_should(tmp_path: pathlib.Path) -> None:
@@ -113,13 +117,15 @@ def test_hooks_fire_in_order_exactly_as_often_as_they_should(tmp_path: pathlib.P
     Trainer(config, train_data=train, eval_data=evaluation, callbacks=[recorder]).run()
 
     def epoch(n: int, first_step: int) -> list[tuple[str, int, int]]:
-        micro = [("before_backward", n, first_step), ("after_backward", n, first_step)]
+        micro = [("before_backward", n, first_step), ("after_backward", n, first_step),
+                 ("batch_end:4:4", n, first_step)]
         return [("enter_train", n, first_step - 0),
                 ("step_start", n, first_step), *micro, *micro, ("step_end", n, first_step + 1),
                 ("step_start", n, first_step + 1), ("before_backward", n, first_step + 1),
-                ("after_backward", n, first_step + 1), ("step_end", n, first_step + 2),
+                ("after_backward", n, first_step + 1), ("batch_end:2:2", n, first_step + 1),
+                ("step_end", n, first_step + 2),
                 ("exit_train", n, first_step + 2), ("enter_eval", n, first_step + 2),
-                *[(e, n, first_step + 2) for _ in range(2) for e in ("eval_step_start", "eval_step_end")],
+                *[(e, n, first_step + 2) for size in (3, 2) for e in ("eval_step_start", f"eval_step_end:{size}")],
                 ("exit_eval", n, first_step + 2)]
 
     assert recorder.events == [("run_start", 0, 0), *epoch(1, 0), *epoch(2, 2), ("run_end", 2, 4)]

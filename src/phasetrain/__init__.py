@@ -15,8 +15,10 @@ _EXPORTS = {
                              "ProgressBar"),
     "phasetrain.conditions": ("Condition", "every_n_epochs", "every_n_steps", "on_epoch", "on_last_epoch"),
     "phasetrain.config": ("CheckpointConfig", "ImportSpec", "RunConfig", "TrainConfig"),
+    "phasetrain.ema": ("EMA",),
     "phasetrain.errors": ("CallbackError", "CheckpointError", "ConfigError", "CorruptCheckpoint", "DataError",
                           "GraphError", "NonFiniteLossError", "PhasetrainError", "RunDirError"),
+    "phasetrain.finetuning": ("Freeze",),
     "phasetrain.graph": ("PhaseGraph",),
     "phasetrain.history": ("RunHistory",),
     "phasetrain.phases": ("Phase", "TestPhase"),
@@ -26,8 +28,8 @@ _EXPORTS = {
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
-    "Callback", "CallbackError", "CheckpointConfig", "CheckpointError", "Condition", "ConfigError",
-    "ConsoleSummary", "CorruptCheckpoint", "DataError", "EarlyStopping", "GraphError", "HistoryRecorder",
+    "EMA", "Callback", "CallbackError", "CheckpointConfig", "CheckpointError", "Condition", "ConfigError",
+    "ConsoleSummary", "CorruptCheckpoint", "DataError", "EarlyStopping", "Freeze", "GraphError", "HistoryRecorder",
     "ImportSpec", "MetricsFile", "NonFiniteLossError", "Phase", "PhaseGraph", "PhasetrainError", "ProgressBar", "RunConfig", "RunDirError", "RunHistory",
     "RunInterrupted", "RunState", "TestPhase", "TrainConfig", "Trainer", "__version__", "every_n_epochs",
     "every_n_steps", "on_epoch", "on_last_epoch",
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     )
     from phasetrain.conditions import Condition, every_n_epochs, every_n_steps, on_epoch, on_last_epoch
     from phasetrain.config import CheckpointConfig, ImportSpec, RunConfig, TrainConfig
+    from phasetrain.ema import EMA
     from phasetrain.errors import (
         CallbackError,
         CheckpointError,
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
         PhasetrainError,
         RunDirError,
     )
+    from phasetrain.finetuning import Freeze
     from phasetrain.graph import PhaseGraph
     from phasetrain.history import RunHistory
     from phasetrain.phases import Phase, TestPhase

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from phasetrain.config import TrainConfig
 from phasetrain.data import EpochBatchSampler, batch_count, ceil_div, epoch_seed, make_loader, shard_size
 from phasetrain.errors import DataError
 from phasetrain.loading import load_error, named_errors
+from phasetrain.schedulers import RunLength
 from phasetrain.worker_signals import worker_init
 
 
@@ -50,12 +51,15 @@ class RunData:
 
     Train batches come from ``EpochBatchSampler`` (order a pure function of seed and epoch, sharded
     across processes and padded to equal length); eval batches are sharded without duplicates.
+    ``collate_fn`` makes a batch of a list of samples (torch's ``default_collate`` when None).
     """
 
     def __init__(self, datasets: Mapping[str, Any], cfg: TrainConfig, seed: int, *, process_index: int = 0,
-                 num_processes: int = 1, device: torch.device | None = None) -> None:
+                 num_processes: int = 1, device: torch.device | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         self.train, self.eval, self.test = datasets["train"], datasets.get("eval"), datasets.get("test")
-        self._cfg, self._seed = cfg, seed
+        self._cfg, self._seed, self._limit = cfg, seed, cfg.resolved_limit_batches
+        self.collate_fn = collate_fn
         self._rank, self._world_size = process_index, num_processes
         self._device = device if device is not None and device.type != "cpu" else None
         if self._device is not None:
@@ -73,30 +77,43 @@ class RunData:
         """Optimizer steps per train epoch on this process (None for an iterable dataset without a length)."""
         return self.accumulation.steps
 
+    def run_length(self, epochs: int, max_steps: int | None) -> RunLength:
+        """How long the run is, for schedulers: every process takes the same number of optimizer steps."""
+        steps = self.steps_per_epoch
+        total = None if steps is None else epochs * steps
+        if max_steps is not None:
+            total = max_steps if total is None else min(total, max_steps)
+        cfg = self._cfg
+        return RunLength(epochs=epochs, steps_per_epoch=steps, total_steps=total, batch_size=cfg.batch_size,
+                         eval_batch_size=cfg.resolved_eval_batch_size, num_processes=self._world_size,
+                         grad_accum_steps=cfg.grad_accum_steps)
+
     def train_batches(self, epoch: int, skip: int = 0) -> Iterable[Any]:
         """This process's batches of ``epoch``, from batch ``skip`` on (skipped by index: nothing is loaded)."""
         cfg = self._cfg
         if isinstance(self.train, IterableDataset):
             loader = DataLoader(self.train, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                worker_init_fn=worker_init(cfg.num_workers))
+                                collate_fn=self.collate_fn, worker_init_fn=worker_init(cfg.num_workers))
             if skip:
                 warnings.warn("resume is not exact: the train dataset is an IterableDataset, whose order "
                               f"phasetrain does not own; skipping {skip} batches by loading them", stacklevel=3)
-            return named_errors(itertools.islice(loader, skip, None) if skip else loader, self._label(self.train))
+            batches = itertools.islice(loader, skip, self._limit) if skip or self._limit else loader
+            return named_errors(batches, self._label(self.train))
         sampler = self._sampler(self.train, cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last, pad=True,
                                 epoch=epoch, skip=skip)
         return make_loader(self.train, sampler, num_workers=cfg.num_workers, pin_memory=self._device is not None,
-                           seed=epoch_seed(self._seed, epoch), label=self._label(self.train))
+                           seed=epoch_seed(self._seed, epoch), label=self._label(self.train), collate_fn=self.collate_fn)
 
     def eval_batches(self, dataset: Any) -> Iterable[Any]:
         """Batches of ``dataset`` in order, sharded across processes without duplicates."""
         batch_size, workers = self._cfg.resolved_eval_batch_size, self._cfg.num_workers
         if isinstance(dataset, IterableDataset):
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=worker_init(workers))
-            return named_errors(loader, self._label(dataset))
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=self.collate_fn,
+                                worker_init_fn=worker_init(workers))
+            return named_errors(itertools.islice(loader, self._limit) if self._limit else loader, self._label(dataset))
         sampler = self._sampler(dataset, batch_size, shuffle=False, drop_last=False, pad=False, epoch=0)
         return make_loader(dataset, sampler, num_workers=workers, pin_memory=self._device is not None, seed=self._seed,
-                           label=self._label(dataset))
+                           label=self._label(dataset), collate_fn=self.collate_fn)
 
     def eval_batch_count(self, dataset: Any) -> int | None:
         """Batches ``eval_batches(dataset)`` yields on this process (None when unknown)."""
@@ -108,7 +125,7 @@ class RunData:
             return None
         indices = range(min(size, len(self.train)))
         try:
-            batch = torch.utils.data.default_collate([self.train[i] for i in indices])
+            batch = (self.collate_fn or torch.utils.data.default_collate)([self.train[i] for i in indices])
         except Exception as exc:
             raise load_error(self.train, self._label(self.train), indices, "the setup check's batch", exc) from exc
         return self.to_device(batch)
@@ -125,7 +142,8 @@ class RunData:
     def _sampler(self, dataset: Any, batch_size: int, *, shuffle: bool, drop_last: bool, pad: bool, epoch: int,
                  skip: int = 0) -> EpochBatchSampler:
         return EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=self._seed,
-                                 epoch=epoch, pad=pad, skip=skip, rank=self._rank, world_size=self._world_size)
+                                 epoch=epoch, pad=pad, skip=skip, rank=self._rank, world_size=self._world_size,
+                                 limit=self._limit)
 
     def _count(self, dataset: Any, batch_size: int, *, pad: bool, drop_last: bool) -> int | None:
         try:
@@ -133,8 +151,10 @@ class RunData:
         except TypeError:  # an iterable dataset without a length
             return None
         if isinstance(dataset, IterableDataset):  # its own sharding: each process reads what it yields
-            return batch_count(size, batch_size, drop_last=False)
-        return batch_count(shard_size(size, self._rank, self._world_size, pad), batch_size, drop_last)
+            count = batch_count(size, batch_size, drop_last=False)
+        else:
+            count = batch_count(shard_size(size, self._rank, self._world_size, pad), batch_size, drop_last)
+        return count if self._limit is None else min(count, self._limit)
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Any]:

@@ -60,10 +60,24 @@ class PlateauScheduler(Callback):
             self.scheduler.step(record[self.monitor])
 
 
-def bookkeeping_callbacks(monitor: MonitorValue, scheduler: Any) -> list[Callback]:
-    """The trainer's own callbacks: the monitored value, and a ReduceLROnPlateau stepper if that is the scheduler."""
-    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    return [monitor, *([PlateauScheduler(scheduler, monitor.monitor)] if plateau else [])]
+class EpochScheduler(Callback):
+    """Steps a scheduler with ``interval: epoch`` after each train epoch's record, so the record's
+    ``train/lr`` is the rate the epoch trained with. A ``train_epoch`` of your own needs no call for it."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if record["kind"] == "epoch" and "train/loss" in record:
+            self.scheduler.step()
+
+
+def bookkeeping_callbacks(monitor: MonitorValue, scheduler: Any, interval: str) -> list[Callback]:
+    """The trainer's own callbacks: the monitored value, and what steps a scheduler that does not step per
+    optimizer step (a ReduceLROnPlateau, or one with ``interval: epoch``)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return [monitor, PlateauScheduler(scheduler, monitor.monitor)]
+    return [monitor, *([EpochScheduler(scheduler)] if scheduler is not None and interval == "epoch" else [])]
 
 
 def warn_if_never_logged(monitor: str, record_prefixes: Iterable[str | None], metric_names: Iterable[str]) -> None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 #: Hooks every run has. Phase hooks ``on_enter_<phase>`` / ``on_exit_<phase>`` exist for each phase.
 RUN_HOOKS = (
     "on_run_start", "on_run_end",
-    "on_train_step_start", "on_before_backward", "on_after_backward", "on_train_step_end",
+    "on_train_step_start", "on_before_backward", "on_after_backward", "on_train_batch_end", "on_train_step_end",
     "on_eval_step_start", "on_eval_step_end",
     "on_log", "on_exception",
 )
@@ -41,8 +41,11 @@ class Callback:
       (``done`` is final: it has ``on_enter_done`` only)
     - ``on_train_step_start(trainer)``: before the first micro-batch of an optimizer step
     - ``on_before_backward(trainer, loss)`` / ``on_after_backward(trainer)``: each micro-batch
+    - ``on_train_batch_end(trainer, batch, batch_output)``: each micro-batch, after its backward; the
+      batch on the device and ``calculate_train_batch_loss``'s dict (``loss``, ``model_outputs``,
+      ``batch_size``): train metrics need no override
     - ``on_train_step_end(trainer, loss)``: after the optimizer step; ``loss`` is a detached tensor
-    - ``on_eval_step_start(trainer)`` / ``on_eval_step_end(trainer, batch_output)``
+    - ``on_eval_step_start(trainer)`` / ``on_eval_step_end(trainer, batch, batch_output)``
     - ``on_log(trainer, record)``: a metrics record ``{"phase", "epoch", "step", "kind", "train/loss", ...}``
     - ``on_exception(trainer, exception)``: the run is ending with ``exception`` (a stop signal's
       ``RunInterrupted`` included), instead of ``on_run_end``
@@ -163,7 +166,7 @@ class ProgressBar(Callback):
     def on_enter_eval_epoch(self, trainer: Trainer) -> None:
         self._open(trainer, trainer.data.eval_batch_count(trainer.data.eval), 0, "eval")
 
-    def on_eval_step_end(self, trainer: Trainer, batch_output: dict[str, Any]) -> None:
+    def on_eval_step_end(self, trainer: Trainer, batch: Any, batch_output: dict[str, Any]) -> None:
         if self._bar is not None:
             self._bar.update()
 

@@ -7,6 +7,7 @@ None is skipped.
 ``process-<rank>.pt``. ``state.json`` holds the ``RunState``, the format and phasetrain versions, which
 parameters require grad, and the caller's metadata (config, monitored value). A checkpoint folder
 ``RUN_DIR/checkpoints/epoch003-step0000120-checkpoint/`` is named by epoch, optimizer step and phase.
+With ``keep_best``, a new best checkpoint's model weights are also copied to ``RUN_DIR/best.safetensors``.
 ``.pt`` files are read with ``torch.load(weights_only=True)``: loading a checkpoint cannot execute code.
 
 A checkpoint is *corrupt* (CorruptCheckpoint) when its files are not what was written; ``resume("latest")``
@@ -33,12 +34,15 @@ import torch
 from phasetrain.checkpoint_files import publish, seal, torch_save, verify, write_error
 from phasetrain.config import CheckpointConfig, RunConfig
 from phasetrain.errors import CheckpointError, CorruptCheckpoint
-from phasetrain.run_folder import follow_umask, read_latest
+from phasetrain.run_folder import RunFolder, atomic_path, follow_umask, read_latest
 from phasetrain.state import RunState
 
 _T = TypeVar("_T")
 
 FORMAT_VERSION = 3  # 3: metrics records in the checkpoint (MetricsFile state)
+
+#: The ``to_save`` module whose weights the best checkpoint exports as ``best.safetensors``.
+BEST_MODULE = "model"
 
 
 class Checkpoints:
@@ -47,6 +51,8 @@ class Checkpoints:
 
     def __init__(self, folder: pathlib.Path, policy: CheckpointConfig, process: Any) -> None:
         self.folder, self.policy, self.process = folder, policy, process
+        #: Where the best checkpoint's model weights are exported (keep_best >= 1): RUN_DIR/best.safetensors.
+        self.best_weights = RunFolder(folder.parent).best_weights
 
     # ---- save ---------------------------------------------------------------------------------
     def save(self, state: RunState, to_save: Mapping[str, Any], per_process: Mapping[str, Any],
@@ -127,17 +133,29 @@ class Checkpoints:
         return f"{reason[:1].lower()}{reason[1:]} writing {final}; {intact} ({advice})"
 
     def _apply_retention(self, newest: str) -> None:
-        """Keep the ``keep_last`` newest and the ``keep_best`` best by the monitored value; delete the rest."""
+        """Keep the ``keep_last`` newest and the ``keep_best`` best by the monitored value; delete the rest.
+        A newest checkpoint that is now the best has its model weights exported (``_export_best``)."""
         policy = self.policy
         older = [c for c in self.all() if c.name != newest]  # oldest first
         newer_kept = policy.keep_last - 1  # the newest counts as one of keep_last
         keep = {newest, *(c.name for c in (older[-newer_kept:] if newer_kept > 0 else []))}
         ranked = [(v, c.name) for c in [*older, self.folder / newest] if (v := _monitor_value(c)) is not None]
         ranked.sort(reverse=policy.mode == "max")
-        keep.update(name for _, name in ranked[: policy.keep_best])
+        best = [name for _, name in ranked[: policy.keep_best]]
+        keep.update(best)
+        if best and best[0] == newest:  # before any deletion: a crash leaves the previous best's file intact
+            self._export_best(self.folder / newest)
         for checkpoint in older:
             if checkpoint.name not in keep:
                 shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def _export_best(self, checkpoint: pathlib.Path) -> None:
+        """Copy the weights of ``checkpoint`` (its ``model``) to ``best_weights``, atomically: the best model
+        without opening a checkpoint, and one that outlives the checkpoint's retention."""
+        weights = checkpoint / f"{BEST_MODULE}.safetensors"
+        if weights.is_file():
+            with atomic_path(self.best_weights) as tmp:
+                shutil.copyfile(weights, tmp)  # the file as sealed: no second serialization
 
     # ---- find ---------------------------------------------------------------------------------
     def all(self) -> list[pathlib.Path]:
@@ -201,7 +219,7 @@ class Checkpoints:
                per_process: Mapping[str, Any], *, from_other_run: bool = False,
                check: Callable[[pathlib.Path, dict[str, Any]], None] | None = None) -> tuple[pathlib.Path, RunState]:
         """Find the checkpoint ``which`` names and restore everything from it; returns its path and the
-        saved run state, marked as resumed, with ``config``'s epochs (what a changed config may change is
+        saved run state, marked as resumed, with ``config``'s epochs and max_steps (what a changed config may change is
         the caller's rule: see ``phasetrain.resume_changes``).
 
         ``"latest"`` tries the checkpoints newest first and skips, with a warning, any that is corrupt,
@@ -214,7 +232,7 @@ class Checkpoints:
         if check is not None:  # the caller's last word on the chosen checkpoint, before anything is loaded
             check(path, contents.saved)
         state = self._apply(path, contents, to_load, per_process)
-        state.epochs, state.resumed = config.train.epochs, True
+        state.epochs, state.max_steps, state.resumed = config.train.epochs, config.train.max_steps, True
         return path, state
 
     def load(self, path: pathlib.Path, to_load: Mapping[str, Any], per_process: Mapping[str, Any]) -> RunState:

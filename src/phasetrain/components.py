@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from phasetrain.callbacks import Callback
-from phasetrain.config import ImportSpec, RunConfig
+from phasetrain.config import ImportSpec, RunConfig, SchedulerSpec
 from phasetrain.data import check_dataset
 from phasetrain.errors import CallbackError, ConfigError
+from phasetrain.schedulers import RunLength, resolve_run_length
 
 
 @dataclass
@@ -20,7 +21,6 @@ class Components:
     model: torch.nn.Module
     loss_fn: Any
     optimizer: torch.optim.Optimizer
-    scheduler: Any
     datasets: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     callbacks: list[Callback] = field(default_factory=list)
@@ -50,13 +50,12 @@ def build_components(cfg: RunConfig, *, model: torch.nn.Module | None, loss_fn: 
     if not callable(loss_fn):
         raise ConfigError(f"loss: expected a callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
     optimizer = _optimizer(cfg, model, optimizer)
-    scheduler = cfg.scheduler.build(optimizer, what="scheduler") if cfg.scheduler else None
     built_metrics = dict(metrics) if metrics is not None else {
         name: spec.build(what=f"metrics.{name}") for name, spec in cfg.metrics.items()}
     for name, metric in built_metrics.items():
         _check_metric(name, metric)
     callbacks = [_callback(spec, i) for i, spec in enumerate(cfg.callbacks)]
-    return Components(model, loss_fn, optimizer, scheduler, build_datasets(cfg, train_data, eval_data),
+    return Components(model, loss_fn, optimizer, build_datasets(cfg, train_data, eval_data),
                       built_metrics, callbacks)
 
 
@@ -80,6 +79,14 @@ def build_datasets(cfg: RunConfig, train_data: Any = None, eval_data: Any = None
     for split, dataset in datasets.items():
         check_dataset(dataset, f"{split} dataset")
     return datasets
+
+
+def build_scheduler(spec: SchedulerSpec | None, optimizer: torch.optim.Optimizer, length: RunLength) -> Any:
+    """The config's scheduler for ``optimizer``, its run-length placeholders (``"{total_steps}"``) filled in."""
+    if spec is None:
+        return None
+    args = resolve_run_length(spec.args, length, "scheduler.args")
+    return spec.model_copy(update={"args": args}).build(optimizer, what="scheduler")
 
 
 def _build(spec: ImportSpec | None, name: str, alternative: str, *leading: Any) -> Any:

@@ -85,7 +85,8 @@ class ImportSpec(Section):
         try:
             obj: Any = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ConfigError(f"cannot import module {module_name!r} of target {self.target!r}: {exc}") from None
+            raise ConfigError(f"cannot import module {module_name!r} of target {self.target!r}: {exc}"
+                              f"{_shadowed(module_name)}") from None
         except Exception as exc:  # a module that fails while importing (SyntaxError, ...): name it
             raise ConfigError(f"importing module {module_name!r} of target {self.target!r} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -107,10 +108,23 @@ class ImportSpec(Section):
                               f"{type(exc).__name__}: {exc}") from exc
 
 
+#: Schedulers the config may name without a module (``scheduler: {target: warmup_cosine, ...}``).
+SCHEDULER_NAMES = {"warmup_cosine": "phasetrain.schedulers:warmup_cosine"}
+
+
 class SchedulerSpec(ImportSpec):
-    """An LR scheduler, called with the optimizer first; stepped every optimizer step or every epoch."""
+    """An LR scheduler, called with the optimizer first; stepped every optimizer step or every epoch.
+
+    ``args`` may hold the run's length as placeholders, replaced when the run is built:
+    ``total_steps: "{total_steps}"`` (see ``phasetrain.schedulers.RunLength`` for every name).
+    """
 
     interval: Literal["step", "epoch"] = "step"
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _named_scheduler(cls, value: Any) -> Any:
+        return SCHEDULER_NAMES.get(value, value) if isinstance(value, str) else value
 
 
 class PhaseSpec(ImportSpec):
@@ -140,6 +154,15 @@ class TrainConfig(Section):
     eval_batch_size: StrictInt | None = Field(None, ge=1, description="per device; defaults to batch_size")
     grad_accum_steps: StrictInt = Field(1, ge=1, description="micro-batches per optimizer step")
     max_grad_norm: StrictFloat | None = Field(None, gt=0, description="clip gradients to this total norm")
+    max_grad_value: StrictFloat | None = Field(None, gt=0, description="clip each gradient value to +-this")
+    max_steps: StrictInt | None = Field(None, ge=1, description="end the run after this many optimizer steps "
+                                        "(mid-epoch if need be), or at train.epochs, whichever comes first")
+    limit_batches: StrictInt | None = Field(None, ge=1, description="debugging: train and evaluate on the first "
+                                            "N batches of each epoch only")
+    fast_dev_run: StrictBool = Field(False, description="debugging: one batch of each phase, one epoch, "
+                                     "nothing written to run_dir")
+    sync_batchnorm: StrictBool = Field(False, description="convert BatchNorm layers to SyncBatchNorm when "
+                                       "running on several processes")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_workers: StrictInt = Field(0, ge=0)
     eval_every: StrictInt = Field(1, ge=1, description="evaluate every N epochs (and after the last epoch)")
@@ -153,6 +176,14 @@ class TrainConfig(Section):
     @property
     def resolved_eval_batch_size(self) -> int:
         return self.eval_batch_size or self.batch_size
+
+    @property
+    def resolved_epochs(self) -> int:
+        return 1 if self.fast_dev_run else self.epochs
+
+    @property
+    def resolved_limit_batches(self) -> int | None:
+        return 1 if self.fast_dev_run else self.limit_batches
 
 
 class CheckpointConfig(Section):
@@ -375,6 +406,19 @@ def _did_you_mean(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
     close = difflib.get_close_matches(str(loc[-1]), known, n=1)
     hint = f", did you mean {close[0]!r}?" if close else ""
     return f"{hint} (known keys: {', '.join(known)})"
+
+
+def _shadowed(module_name: str) -> str:
+    """Why ``module_name`` may be missing although the working folder has it: an installed package of the same
+    top-level name comes first on sys.path (pytorch-accelerated's wheel installs one named ``examples``)."""
+    top = module_name.partition(".")[0]
+    installed = sys.modules.get(top)
+    origin = getattr(installed, "__file__", None) or next(iter(getattr(installed, "__path__", [])), None)
+    local = pathlib.Path.cwd() / top
+    if installed is None or origin is None or not local.is_dir() or pathlib.Path(origin).is_relative_to(local):
+        return ""
+    return (f" (the package {top!r} was imported from {pathlib.Path(origin).parent if origin.endswith('.py') else origin}, "
+            f"installed by another distribution, not from ./{top}: rename ./{top} or uninstall that package)")
 
 
 def ensure_importable_cwd() -> None:

@@ -12,7 +12,7 @@ fails to load is explained by ``phasetrain.loading``; workers leave stop signals
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -51,10 +51,12 @@ class EpochBatchSampler:
     The permutation is computed eagerly from its own generator, never the global RNG. With several
     processes, ``pad=True`` (training) repeats the first indices so every process gets the same
     number of batches (DDP needs that); ``pad=False`` (evaluation) shards without duplicates.
+    ``limit`` keeps the first batches only (``train.limit_batches``).
     """
 
     def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
-                 epoch: int, rank: int = 0, world_size: int = 1, pad: bool = True, skip: int = 0) -> None:
+                 epoch: int, rank: int = 0, world_size: int = 1, pad: bool = True, skip: int = 0,
+                 limit: int | None = None) -> None:
         order = list(range(size))
         if shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
@@ -65,6 +67,8 @@ class EpochBatchSampler:
             order = order[rank::world_size]
         base = epoch_seed(seed, epoch) * 1_000_003 + rank
         count = batch_count(len(order), batch_size, drop_last)
+        if limit is not None:  # train.limit_batches: the epoch's first `limit` batches, in the same order
+            count = min(count, limit)
         self.batches = [Batch(order[n * batch_size : (n + 1) * batch_size], (base + n * 7_919) % (2**63 - 1))
                         for n in range(count)]
         self.skip = skip
@@ -129,11 +133,12 @@ def check_dataset(dataset: Any, name: str) -> None:
 
 
 def make_loader(dataset: Dataset[Any], sampler: EpochBatchSampler, *, num_workers: int, seed: int,
-                pin_memory: bool, label: str) -> CheckedBatches:
+                pin_memory: bool, label: str, collate_fn: Callable[[list[Any]], Any] | None = None) -> CheckedBatches:
     """A plain DataLoader over ``sampler``; its own generator keeps the global RNG untouched (creating an
     iterator draws a worker base seed from the loader's generator even with ``num_workers=0``). ``label``
     names the dataset in errors, e.g. "train dataset (MyImages)"."""
     loaded = WorkerSeeded(dataset) if num_workers > 0 else dataset
     loader = DataLoader(loaded, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init(num_workers))
+                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=worker_init(num_workers))
     return CheckedBatches(loader, sampler, dataset, label)

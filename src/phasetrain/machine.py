@@ -44,7 +44,11 @@ class Walker:
         self.state.phase = name
 
     def next_phase(self) -> None:
-        """Leave the current phase by the first edge whose condition holds."""
+        """Leave the current phase by the first edge whose condition holds.
+
+        The phase's exit hooks fire first, before any condition is asked: a stop they request (an early
+        stop on a record logged from ``on_exit_eval_epoch``) decides this very move, not the next one."""
+        self.exited(self.state.phase)
         with _quiet_transitions():
             moved = self.advance()
         if not moved:
@@ -76,8 +80,8 @@ class PhaseMachine:
 
     def __init__(self, graph: PhaseGraph) -> None:
         self.graph = graph
-        states = [State(name, on_enter=[_entering(name, self._edge_of)], on_exit=[_exiting(name)])
-                  for name in graph.names]
+        # No on_exit: the walker fires exit hooks itself, before the conditions (Walker.next_phase).
+        states = [State(name, on_enter=[_entering(name, self._edge_of)]) for name in graph.names]
         transitions = [{"trigger": "advance", "source": edge.source, "dest": edge.dest,
                         "conditions": [_holds(edge.condition)] if edge.condition else []}
                        for edge in graph.edges]
@@ -111,10 +115,6 @@ class PhaseMachine:
 
 def _entering(name: str, edge_of: Callable[[Any], Edge | None]) -> Callable[[Any], None]:
     return lambda event: event.model.entered(name, edge_of(event))
-
-
-def _exiting(name: str) -> Callable[[Any], None]:
-    return lambda event: event.model.exited(name)
 
 
 def _holds(condition: Any) -> Callable[[Any], bool]:

@@ -12,7 +12,7 @@ from typing import Any
 from phasetrain.errors import ConfigError
 
 #: Dotted keys (or prefixes ending in ".") a resume may change.
-APPLICABLE = ("train.epochs", "train.log_every_steps", "train.progress_bar", "train.num_workers",
+APPLICABLE = ("train.epochs", "train.max_steps", "train.max_grad_value", "train.log_every_steps", "train.progress_bar", "train.num_workers",
               "train.eval_batch_size", "train.eval_every", "train.max_grad_norm", "train.nonfinite_loss",
               "checkpoint.", "optimizer.args.", "metrics", "callbacks")
 
@@ -38,9 +38,9 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "
     return changed
 
 
-def refuse_changes(saved: dict[str, Any], current: dict[str, Any], checkpoint: str, epoch: int) -> None:
+def refuse_changes(saved: dict[str, Any], current: dict[str, Any], checkpoint: str, epoch: int, step: int) -> None:
     """Raise a ConfigError naming the changes from ``saved`` to ``current`` that a resume cannot make;
-    called before anything is loaded from the checkpoint (taken in ``epoch``)."""
+    called before anything is loaded from the checkpoint (taken in ``epoch``, at optimizer ``step``)."""
     changed = changed_keys(saved, current)
     refused = [key for key in changed if not key.startswith(APPLICABLE)]
     if refused:
@@ -57,6 +57,10 @@ def refuse_changes(saved: dict[str, Any], current: dict[str, Any], checkpoint: s
     if epochs < epoch:
         raise ConfigError(f"train.epochs={epochs}, but checkpoint {checkpoint} is in epoch {epoch}: "
                           f"give train.epochs >= {epoch}")
+    max_steps = current["train"].get("max_steps")
+    if max_steps is not None and max_steps < step:
+        raise ConfigError(f"train.max_steps={max_steps}, but checkpoint {checkpoint} is at optimizer step {step}: "
+                          f"give train.max_steps >= {step}")
 
 
 def apply_changes(saved: dict[str, Any], current: dict[str, Any], optimizer: Any) -> str | None:

@@ -1,4 +1,5 @@
-"""The run folder: ``config.yaml``, ``metrics.jsonl``, ``model.safetensors``, ``checkpoints/``.
+"""The run folder: ``config.yaml``, ``metrics.jsonl``, ``model.safetensors``, ``checkpoints/``, and where
+they are wanted ``best.safetensors`` (the best checkpoint's weights) and ``ema.safetensors`` (the EMA callback's).
 
 A folder that already holds a run is never silently reused: a finished one is refused, an unfinished
 one is left for ``phasetrain resume``, unless the config says ``overwrite: true``.
@@ -53,6 +54,16 @@ class RunFolder:
         return self.path / "model.safetensors"
 
     @property
+    def best_weights(self) -> pathlib.Path:
+        """The weights of the best checkpoint by ``checkpoint.monitor`` (written when ``keep_best >= 1``)."""
+        return self.path / "best.safetensors"
+
+    @property
+    def ema_weights(self) -> pathlib.Path:
+        """The exponential moving average of the weights, written at the end by ``phasetrain.ema.EMA``."""
+        return self.path / "ema.safetensors"
+
+    @property
     def checkpoints(self) -> pathlib.Path:
         return self.path / "checkpoints"
 
@@ -69,7 +80,8 @@ class RunFolder:
         return any(path.exists() for path in self._run_files())
 
     def _run_files(self) -> tuple[pathlib.Path, ...]:
-        return self.config_file, self.metrics, self.final_weights, self.checkpoints, self.graph_file
+        return (self.config_file, self.metrics, self.final_weights, self.checkpoints, self.graph_file,
+                self.best_weights, self.ema_weights)
 
     def claim(self, config: RunConfig, graph: str) -> None:
         """Create the folder for a new run and write its recipe; refuse one that holds a run."""
@@ -214,11 +226,16 @@ class RunFolder:
                 f"'phasetrain resume {self.path}' continues from there")
 
     def write_final_weights(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
-        """Write the unwrapped model's weights as safetensors, atomically, from the main process."""
+        """Write the unwrapped model's weights to ``model.safetensors`` (see ``write_weights``)."""
+        self.write_weights(accelerator, model, self.final_weights)
+
+    def write_weights(self, accelerator: Accelerator, model: torch.nn.Module, path: pathlib.Path) -> None:
+        """Write the unwrapped model's weights to ``path`` as safetensors, atomically, from the main process.
+        Every process calls it: it waits for all of them before and after the write."""
         accelerator.wait_for_everyone()
         if self.is_main_process:
             from safetensors.torch import save_model
-            with atomic_path(self.final_weights) as tmp:
+            with atomic_path(path) as tmp:
                 save_model(accelerator.unwrap_model(model), str(tmp))
         accelerator.wait_for_everyone()
 

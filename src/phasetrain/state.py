@@ -15,12 +15,15 @@ class RunState:
     when the current epoch started. ``batch_in_epoch`` counts the micro-batches this process finished in
     the current epoch; ``micro_step`` counts the micro-batches of the current optimizer step begun so
     far (0 between steps: the only moments a checkpoint may be taken).
+    ``max_steps`` (``train.max_steps``) ends the run at that optimizer step, mid-epoch if need be: the
+    epoch it is reached in is then the last one.
     ``resumed`` is True while a resumed run is still in the phase its checkpoint was taken in.
     """
 
     phase: str = "setup"
     phase_complete: bool = False
     epochs: int = 1
+    max_steps: int | None = None
     epoch: int = 0
     optimizer_step: int = 0
     epoch_start_step: int = 0
@@ -32,12 +35,16 @@ class RunState:
 
     @property
     def is_last_epoch(self) -> bool:
-        return self.epoch >= self.epochs
+        return self.epoch >= self.epochs or self.reached_max_steps
+
+    @property
+    def reached_max_steps(self) -> bool:
+        return self.max_steps is not None and self.optimizer_step >= self.max_steps
 
     @property
     def finished(self) -> bool:
         """True when no more training epochs should run."""
-        return self.stop_requested or self.epoch >= self.epochs
+        return self.stop_requested or self.is_last_epoch
 
     def request_stop(self, reason: str) -> None:
         """Ask the run to go to ``done`` at the next phase boundary (the current phase finishes)."""

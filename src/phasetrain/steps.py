@@ -18,8 +18,11 @@ from phasetrain.accelerator import gather_in_order
 from phasetrain.batches import RunData, unpack_batch
 from phasetrain.callbacks import Callback, CallbackList, default_callbacks
 from phasetrain.checks import eval_mode
+from phasetrain.components import build_scheduler
 from phasetrain.config import RunConfig
 from phasetrain.data import check_dataset
+from phasetrain.history import RunHistory
+from phasetrain.schedulers import RunLength
 
 BatchOutput = dict[str, Any]  # {"loss": Tensor, "model_outputs": Any, "batch_size": int}
 
@@ -35,6 +38,7 @@ class TrainerSteps:
     loss_fn: Any
     metrics: dict[str, Any]
     data: RunData
+    run_length: RunLength
     callbacks: CallbackList
     _direct: bool  # backward and optimizer calls skip accelerate's wrappers (see accelerator.direct_steps)
     _step_optimizer: Any
@@ -58,6 +62,15 @@ class TrainerSteps:
     def eval_epoch_end(self) -> None:
         """End of an eval epoch, after its ``eval/...`` record."""
 
+    def create_scheduler(self) -> Any:
+        """The LR scheduler (None for none), built once the data is sharded: the config's ``scheduler``,
+        with its run-length placeholders (``"{total_steps}"``) taken from ``self.run_length``."""
+        return build_scheduler(self.config.scheduler, self.optimizer.optimizer, self.run_length)
+
+    def create_run_history(self) -> RunHistory:
+        """The object ``trainer.run_history`` holds: every epoch-level metric of the run."""
+        return RunHistory()
+
     def default_callbacks(self) -> list[Callback]:
         """Callbacks every run gets; a user callback of the same class replaces the default one."""
         return default_callbacks(progress_bar=self.config.train.progress_bar)
@@ -80,8 +93,12 @@ class TrainerSteps:
             self.accelerator.backward(loss)  # scales the loss for fp16, routes DeepSpeed/Megatron
 
     def clip_gradients(self) -> None:
-        if self.config.train.max_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
+        """On the optimizer step only (never a partial accumulation); accelerate unscales fp16 gradients first."""
+        train = self.config.train
+        if train.max_grad_value is not None:
+            self.accelerator.clip_grad_value_(self.model.parameters(), train.max_grad_value)
+        if train.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
 
     def optimizer_step(self) -> None:
         self._step_optimizer.step()
@@ -89,11 +106,12 @@ class TrainerSteps:
     def optimizer_zero_grad(self) -> None:
         self._step_optimizer.zero_grad(set_to_none=True)
 
-    def scheduler_step(self, interval: str) -> None:
-        """Step the LR scheduler if it runs at this ``interval`` (``"step"`` or ``"epoch"``); a
-        ReduceLROnPlateau steps on ``checkpoint.monitor`` instead, whenever a record carries it."""
+    def scheduler_step(self) -> None:
+        """After every optimizer step (a skipped one too): step the LR scheduler if it runs per step.
+        One with ``interval: epoch`` steps after each train epoch's record, and a ReduceLROnPlateau on
+        ``checkpoint.monitor`` whenever a record carries it; the trainer does both (``bookkeeping.py``)."""
         spec = self.config.scheduler
-        if spec is not None and spec.interval == interval and not _is_plateau(self.scheduler):
+        if self.scheduler is not None and (spec is None or spec.interval == "step") and not _is_plateau(self.scheduler):
             self.scheduler.step()
 
     def update_metrics(self, batch: Any, batch_output: BatchOutput) -> None:
@@ -138,7 +156,7 @@ class TrainerSteps:
                 samples += output["batch_size"]
                 self.update_metrics(batch, output)
                 if hooks:
-                    self.callbacks.fire("on_eval_step_end", self, output)
+                    self.callbacks.fire("on_eval_step_end", self, batch, output)
         totals = self._sum_over_processes(torch.stack([loss_sum, samples]))  # one sync per evaluation
         results = {"loss": (totals[0] / totals[1]).item()}
         for name, metric in self.metrics.items():

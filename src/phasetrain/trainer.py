@@ -19,7 +19,7 @@ import math
 import os
 import pathlib
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -65,34 +65,47 @@ class Trainer(TrainerSteps):
 
     Components come from ``config`` as import specs, or as objects given here (an object given
     overrides the config's entry). ``train_data``/``eval_data`` are map-style datasets of
-    ``(inputs, targets)``; ``metrics`` maps names to torchmetrics objects, computed per evaluation.
+    ``(inputs, targets)``; ``metrics`` maps names to torchmetrics objects, computed per evaluation;
+    ``collate_fn`` makes a batch of a list of samples.
     """
+
+    #: Run an overridden loss step on two samples before the run claims its folder (``setup_run``). A
+    #: subclass whose eval step has side effects (a metric updated inside it) sets this to False.
+    check_steps_before_run = True
 
     def __init__(self, config: RunConfig | str | os.PathLike[str] | Mapping[str, Any] | None = None, *,
                  model: torch.nn.Module | None = None, loss_fn: Any = None, optimizer: torch.optim.Optimizer | None = None,
                  train_data: Dataset[Any] | None = None, eval_data: Dataset[Any] | None = None,
-                 metrics: Mapping[str, Any] | None = None, callbacks: Iterable[Callback] | None = None) -> None:
+                 metrics: Mapping[str, Any] | None = None, callbacks: Iterable[Callback] | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         self.config = cfg = as_config(config)
         given = {"model": model, "loss_fn": loss_fn, "optimizer": optimizer, "train_data": train_data,
-                 "eval_data": eval_data, "metrics": metrics}
+                 "eval_data": eval_data, "metrics": metrics, "collate_fn": collate_fn}
         self._objects = sorted(name for name, obj in given.items() if obj is not None)  # what config.yaml lacks
         self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision)
         set_seed(cfg.seed)  # before the model is built, so its initial weights follow the seed
         parts = build_components(cfg, model=model, loss_fn=loss_fn, optimizer=optimizer, train_data=train_data,
                                  eval_data=eval_data, metrics=metrics)
+        if cfg.train.sync_batchnorm and accelerator.num_processes > 1:  # before DDP wraps the model
+            if accelerator.device.type == "cpu":  # DDP would refuse it inside prepare(), less clearly
+                raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only, and these "
+                                  f"{accelerator.num_processes} processes run on the CPU; set train.sync_batchnorm=false")
+            parts.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(parts.model)
         self.model, self.optimizer = accelerator.prepare(parts.model, parts.optimizer)
-        self.loss_fn, self.scheduler = parts.loss_fn, parts.scheduler
+        self.loss_fn = parts.loss_fn
         self.metrics = {name: metric.to(accelerator.device) for name, metric in parts.metrics.items()}
         self.data = RunData(parts.datasets, cfg.train, cfg.seed, process_index=accelerator.process_index,
-                            num_processes=accelerator.num_processes, device=accelerator.device)
-        self.state = RunState(epochs=cfg.train.epochs)
-        self.run_history = RunHistory()
-        self.run_folder = RunFolder(pathlib.Path(cfg.run_dir), accelerator.is_main_process)
+                            num_processes=accelerator.num_processes, device=accelerator.device, collate_fn=collate_fn)
+        self.state = RunState(epochs=cfg.train.resolved_epochs, max_steps=cfg.train.max_steps)
+        self.run_length = self.data.run_length(self.state.epochs, self.state.max_steps)
+        self.scheduler = self.create_scheduler()
+        self.run_history = self.create_run_history()
+        self.run_folder = RunFolder(self._run_dir(cfg), accelerator.is_main_process)
         self.machine = PhaseMachine(build_graph(cfg, has_eval_data=self.data.eval is not None))
         for phase in self.machine.graph.phases.values():
             phase.check(self)
         self._monitor = MonitorValue(cfg.checkpoint.monitor)
-        self._bookkeeping = bookkeeping_callbacks(self._monitor, parts.scheduler)
+        self._bookkeeping = bookkeeping_callbacks(self._monitor, self.scheduler, self._scheduler_interval())
         defaults = self.default_callbacks()
         self.callbacks = self._callback_list(with_callbacks(defaults, parts.callbacks + list(callbacks or []), defaults))
         if cfg.checkpoint.keep_best:
@@ -107,10 +120,12 @@ class Trainer(TrainerSteps):
         if accelerator.num_processes > 1:
             release_at_exit(self)
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, replaces: tuple[str, ...] = (), **kwargs: Any) -> None:
+        # `replaces`: bookkeeping methods a layer such as phasetrain.compat gives another meaning, knowing that
+        # the run's own bookkeeping never calls them (it calls the private `_save_checkpoint` and the like).
         super().__init_subclass__(**kwargs)
         for name, instead in NOT_OVERRIDABLE.items():
-            if name in cls.__dict__:
+            if name in cls.__dict__ and name not in replaces:
                 raise TypeError(f"{cls.__name__} overrides Trainer.{name}, which does the run's bookkeeping and is "
                                 f"not an override point: {instead}")
 
@@ -155,6 +170,18 @@ class Trainer(TrainerSteps):
         self.machine = PhaseMachine(self.machine.graph)
         self.callbacks = self._callback_list(self._user_callbacks())
 
+    def _run_dir(self, cfg: RunConfig) -> pathlib.Path:
+        if not cfg.train.fast_dev_run:
+            return pathlib.Path(cfg.run_dir)
+        # One batch of each phase, written to a throwaway folder: the real run_dir is left as it is.
+        import tempfile
+        scratch = tempfile.TemporaryDirectory(prefix="phasetrain-fast-dev-run-")
+        self._scratch = scratch  # removed with the trainer
+        return pathlib.Path(scratch.name) / "run"
+
+    def _scheduler_interval(self) -> str:
+        return self.config.scheduler.interval if self.config.scheduler is not None else "step"
+
     def _callback_list(self, callbacks: list[Callback]) -> CallbackList:
         # The trainer's own callbacks come after the user's, whatever the user's list holds.
         return CallbackList([*callbacks, *self._bookkeeping], self.machine.graph.names)
@@ -196,7 +223,8 @@ class Trainer(TrainerSteps):
 
         def refuse(path: pathlib.Path, saved: dict[str, Any]) -> None:  # before anything is loaded
             saved_config.update(saved["config"])
-            refuse_changes(saved["config"], current, path.name, int(saved["state"]["epoch"]))
+            refuse_changes(saved["config"], current, path.name, int(saved["state"]["epoch"]),
+                           int(saved["state"]["optimizer_step"]))
             missing = [name for name in saved.get("objects", []) if name not in self._objects]
             if missing:  # the config would build something else in their place: another run, silently
                 raise ConfigError(f"checkpoint {path.name} was made with {', '.join(missing)} given as Python "
@@ -260,6 +288,9 @@ class Trainer(TrainerSteps):
         A resume from it runs the current phase again from its start, unless ``phase_finished``: a phase
         that saves as its last act says so, and a resume goes on to the next phase instead.
         """
+        return self._save_checkpoint(phase_finished)
+
+    def _save_checkpoint(self, phase_finished: bool = False) -> pathlib.Path:
         if phase_finished:
             self.state.phase_complete = True
         return self._checkpoints.save(self.state, self._to_save(), self._per_process(),
@@ -276,7 +307,7 @@ class Trainer(TrainerSteps):
         return {"rng": ProcessRNG(), "train_loss": self._train_loss}
 
     def _stop_for_signal(self) -> None:
-        path = self.save_checkpoint()
+        path = self._save_checkpoint()
         raise RunInterrupted(self._signals.received_signal, path, self.run_folder.path, bool(self._objects))
 
     # ---- what the built-in phases call ---------------------------------------------------------------
@@ -286,7 +317,8 @@ class Trainer(TrainerSteps):
         batch = self.data.sample_batch(2)
         loss_steps = ("calculate_train_batch_loss", "calculate_eval_batch_loss")
         if batch is not None and any(getattr(type(self), n) is not getattr(Trainer, n) for n in loss_steps):
-            check_loss_step(self.calculate_eval_batch_loss, self.model, batch, type(self).__name__)
+            if self.check_steps_before_run:
+                check_loss_step(self.calculate_eval_batch_loss, self.model, batch, type(self).__name__)
         elif batch is not None:
             check_model_fits_loss(self.model, self.loss_fn, batch)
         self.run_folder.claim(self.config, self._graph_description())
@@ -302,8 +334,10 @@ class Trainer(TrainerSteps):
         self.model.train()
         self._train_loss.begin(state.epoch)
         self.train_epoch_start()
-        # A stop requested at the step a checkpoint was taken at ends a resumed epoch there, as it did then.
-        batches = () if state.stop_requested else self.data.train_batches(state.epoch, skip=state.batch_in_epoch)
+        # A stop requested (or max_steps reached) at the step a checkpoint was taken at ends a resumed epoch
+        # there, as it did then.
+        done = state.stop_requested or state.reached_max_steps
+        batches = () if done else self.data.train_batches(state.epoch, skip=state.batch_in_epoch)
         for batch in batches:
             group_size = accumulation.group_size(state.batch_in_epoch)  # the epoch's last group may be short
             if state.micro_step == 0:
@@ -319,13 +353,13 @@ class Trainer(TrainerSteps):
                 self.callbacks.fire("on_after_backward", self)
             self._train_loss.add(output["loss"].detach(), int(output["batch_size"]), group_size, state.micro_step == 1)
             state.batch_in_epoch += 1
+            self.callbacks.fire("on_train_batch_end", self, batch, output)
             if last:
                 self._update_weights(skip=not self._step_loss_is_finite(group_size))
-                if state.stop_requested:
+                if state.stop_requested or state.reached_max_steps:
                     break
         if state.micro_step:  # an iterable dataset ended inside an accumulation group
             self._update_weights(skip=not self._step_loss_is_finite(state.micro_step))
-        self.scheduler_step("epoch")
         self.log({"train/loss": self._train_loss.epoch_mean(self._sum_over_processes), "train/lr": self._lr()})
         self.train_epoch_end()
 
@@ -365,7 +399,7 @@ class Trainer(TrainerSteps):
         if not skip:  # a skipped step's gradients are dropped by the zero_grad below
             self.clip_gradients()
             self.optimizer_step()
-        self.scheduler_step("step")
+        self.scheduler_step()
         self.optimizer_zero_grad()
         self.end_optimizer_step(self._train_loss.step_loss)
 
@@ -385,7 +419,7 @@ class Trainer(TrainerSteps):
             self._stop_for_signal()
         every = self.config.checkpoint.every_steps or 0
         if every and state.optimizer_step % every == 0:
-            self.save_checkpoint()
+            self._save_checkpoint()
 
     def eval_epoch(self) -> None:
         """Loss and every metric over the eval set, logged as ``eval/loss``, ``eval/<metric>``."""

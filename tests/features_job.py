@@ -1,0 +1,57 @@
+"""Two-process runs for tests/test_features.py, under torchrun (one launch: each costs ~8 s here):
+
+    torchrun --nproc_per_node 2 -m tests.features_job OUT
+
+writes OUT/refusals-RANK.json (what two CPU processes refuse before any training) and
+OUT/lrs-accum{1,2}-rankRANK.json (the lr after every optimizer step of a warmup_cosine run).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Any
+
+import torch
+
+from phasetrain import Trainer
+from tests.conftest import digits_config
+from tests.test_schedulers import warmup_cosine_run
+
+
+def batchnorm_model() -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+
+def refusal(out: pathlib.Path, **build: Any) -> str | None:
+    """The error building ``Trainer(digits_config(**build), model=...)`` raised, or None if it built."""
+    config = digits_config(out, model=None, **build)
+    try:
+        Trainer(config, model=batchnorm_model())
+    except Exception as exc:  # noqa: BLE001 - which one, is what the test asserts
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def main() -> None:
+    """One launch for both checks (a torchrun launch costs ~8 s here). Freeze: DDP fixes the trained
+    parameters when it wraps the model. train.sync_batchnorm: torch's SyncBatchNorm trains on GPUs only,
+    so on the CPU the refusal is how the flag shows it reached the model."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    out = pathlib.Path(sys.argv[1])
+    seen = {
+        "freeze": refusal(out / "freeze", phases=[{"target": "phasetrain.finetuning:Freeze",
+                                                   "args": {"patterns": ["0.*"]}, "after": "setup"}]),
+        "sync_batchnorm": refusal(out / "sync", train={"epochs": 1, "sync_batchnorm": True}),
+        "run_dirs": [str(path) for path in (out / "freeze", out / "sync") if path.exists()],
+    }
+    (out / f"refusals-{dist.get_rank()}.json").write_text(json.dumps(seen))
+    for grad_accum_steps in (1, 2):
+        _, recorder = warmup_cosine_run(out / f"run-accum{grad_accum_steps}", grad_accum_steps)
+        (out / f"lrs-accum{grad_accum_steps}-rank{dist.get_rank()}.json").write_text(json.dumps(recorder.lrs))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
