@@ -26,6 +26,27 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), **extra}
 
 
+#: Where pytorch-accelerated is installed for the comparison tests (README: pip install --target .reference ...).
+#: Not in the environment itself: its wheel installs top-level packages named `examples` and `test`.
+REFERENCE = ROOT / ".reference"
+
+
+def pytorch_accelerated() -> Any:
+    """pytorch-accelerated itself, from ``.reference/`` (appended to sys.path, so it shadows nothing), with
+    its submodules loaded; skips the test, naming the command, when it is not installed."""
+    import importlib
+    import sys
+    if str(REFERENCE) not in sys.path and REFERENCE.is_dir():
+        sys.path.append(str(REFERENCE))
+    try:
+        for submodule in ("callbacks", "schedulers", "trainer"):
+            importlib.import_module(f"pytorch_accelerated.{submodule}")
+        return importlib.import_module("pytorch_accelerated")
+    except ImportError:
+        pytest.skip("pytorch-accelerated is not installed: pip install --no-deps --target .reference "
+                    "pytorch-accelerated==0.1.61")
+
+
 @functools.cache
 def digits() -> dict[str, torch.utils.data.Dataset]:
     return make_data(seed=0)
