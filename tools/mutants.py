@@ -202,7 +202,7 @@ MUTANTS = [
      "                    trainer.run_history.update_metric(name, record[key])", "                    pass",
      "tests/test_compat.py -k true_mean"),
     ("compat: StopTrainingError not turned into a stop", "src/phasetrain/compat/trainer.py",
-     "                trainer.request_stop(str(error) or \"StopTrainingError\")", "                pass",
+     "        self.request_stop(str(error) or \"StopTrainingError\")", "        pass",
      "tests/test_compat.py -k stop"),
     ("compat: a misspelled event accepted", "src/phasetrain/compat/callbacks.py",
      "    if unknown:\n        close", "    if False:\n        close", "tests/test_compat.py -k misspelled"),

@@ -33,6 +33,7 @@ from accelerate import Accelerator
 
 from phasetrain.callbacks import Callback, MetricsFile
 from phasetrain.compat.callbacks import (
+    EVENTS,
     CallbackHandler,
     ConvertSyncBatchNormCallback,
     LimitBatchesCallback,
@@ -148,12 +149,26 @@ class EventBridge(Callback):
     def __init__(self, trainer: Trainer) -> None:
         self.handler = trainer.callback_handler
         self.loss_names = {"train/loss": "train_loss_epoch", "eval/loss": "eval_loss_epoch"}
+        self._hooks: dict[str, list[Callable[..., Any]]] = {}
 
     def _fire(self, trainer: Trainer, event: str, **kwargs: Any) -> None:
-        with trainer._stopping_on_error():
-            self.handler.call_event(event, trainer, **kwargs)
+        # Per batch: only the callbacks that define the event (a dict lookup when none does).
+        if not self._hooks:  # evaluate() fires eval events without a run start
+            self._bind()
+        for hook in self._hooks[event]:
+            try:
+                hook(trainer, **kwargs)
+            except StopTrainingError as error:
+                trainer._stop_training(error)
+
+    def _bind(self) -> None:
+        """The callbacks' own (overridden) methods per event, taken when the run starts."""
+        self._hooks = {event: [getattr(cb, event) for cb in self.handler
+                               if getattr(type(cb), event, None) is not getattr(TrainerCallback, event)]
+                       for event in EVENTS}
 
     def on_run_start(self, trainer: Trainer) -> None:
+        self._bind()
         self._fire(trainer, "on_training_run_start")
 
     def on_enter_train_epoch(self, trainer: Trainer) -> None:
@@ -485,14 +500,17 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
 
     @contextlib.contextmanager
     def _stopping_on_error(self) -> Iterator[None]:
-        """A ``StopTrainingError`` raised inside ends the run at the next phase boundary (the current optimizer
-        step finishes): its message is printed and ``on_stop_training_error`` fires."""
         try:
             yield
         except StopTrainingError as error:
-            self.print(error)
-            self.request_stop(str(error) or "StopTrainingError")
-            self.callback_handler.call_event("on_stop_training_error", self)
+            self._stop_training(error)
+
+    def _stop_training(self, error: StopTrainingError) -> None:
+        """End the run at the next phase boundary (the current optimizer step finishes), as a
+        ``StopTrainingError`` does: its message printed, ``on_stop_training_error`` fired."""
+        self.print(error)
+        self.request_stop(str(error) or "StopTrainingError")
+        self.callback_handler.call_event("on_stop_training_error", self)
 
 
 def _default_workers() -> int:
