@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from phasetrain import NonFiniteLossError
+from phasetrain import ConfigError, NonFiniteLossError
 from phasetrain.compat import (
     EarlyStoppingCallback,
     StopTrainingError,
@@ -136,6 +136,11 @@ def test_a_stop_training_error_from_a_callback_ends_the_run_after_that_epoch(cap
     trainer = train(Trainer, [Raises()], num_epochs=5)
     assert trainer.state.epoch == 2 and trainer.run_history.current_epoch == 3
     assert "enough" in capsys.readouterr().out
+
+
+def test_resume_from_without_the_run_folder_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^resume_from='latest' needs the run folder of the run to continue"):
+        train(Trainer, [], resume_from="latest")
 
 
 def test_a_misspelled_event_is_refused_when_the_callback_is_added() -> None:

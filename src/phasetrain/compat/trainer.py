@@ -330,6 +330,9 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
             raise ConfigError(f"{type(self).__name__} overrides create_train_dataloader; phasetrain builds the "
                               "loader itself so that the data order is resumable: pass its settings as "
                               "train_dataloader_kwargs/collate_fn, or batch inside calculate_train_batch_loss")
+        if resume_from is not None and run_dir is None:
+            raise ConfigError(f"resume_from={resume_from!r} needs the run folder of the run to continue: pass the "
+                              "run_dir= it was trained with (phasetrain checkpoints live in RUN_DIR/checkpoints)")
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.create_scheduler_fn, self.collate_fn = create_scheduler_fn, collate_fn
         if resume_from is None and reset_run_history:
@@ -380,7 +383,7 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         self.eval_dataset, self.collate_fn = dataset, collate_fn
         scratch = tempfile.mkdtemp(prefix="phasetrain-compat-")
         try:
-            config = RunConfig(run_dir=pathlib.Path(scratch) / "run", train={
+            config = RunConfig(run_dir=pathlib.Path(scratch) / "run", seed=42, train={
                 "epochs": 1, "batch_size": kwargs["batch_size"], "num_workers": kwargs["num_workers"],
                 "progress_bar": False, "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no")},
                 checkpoint={"every_epochs": 0, "keep_best": 0})
