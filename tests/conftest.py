@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -24,6 +26,16 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a phasetrain subprocess: this checkout's sources first (so a scratch copy, as
     tools/mutants.py makes, is what runs), then the project folder (examples, tests)."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), **extra}
+
+
+def two_processes(module: str, *args: str, cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` on two CPU processes under torchrun (gloo). ``--standalone`` takes a free
+    port: with the suite on two workers, two launches may run at once and would race for torchrun's
+    default port."""
+    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", module, *args], check=False, capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
 
 
 #: Where pytorch-accelerated is installed for the comparison tests (README: pip install --target .reference ...).

@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node 2 -m tests.features_job OUT
 
-writes OUT/refusals-RANK.json (what two CPU processes refuse before any training) and
-OUT/lrs-accum{1,2}-rankRANK.json (the lr after every optimizer step of a warmup_cosine run).
+writes OUT/refusals-RANK.json (what two CPU processes refuse before any training),
+OUT/lrs-accum{1,2}-rankRANK.json (the lr after every optimizer step of a warmup_cosine run) and
+OUT/compat-RANK.json (a phasetrain.compat run whose OneCycleLR is sized by the placeholders).
 """
 from __future__ import annotations
 
@@ -50,7 +51,31 @@ def main() -> None:
     for grad_accum_steps in (1, 2):
         _, recorder = warmup_cosine_run(out / f"run-accum{grad_accum_steps}", grad_accum_steps)
         (out / f"lrs-accum{grad_accum_steps}-rank{dist.get_rank()}.json").write_text(json.dumps(recorder.lrs))
+    (out / f"compat-{dist.get_rank()}.json").write_text(json.dumps(compat_run()))
     dist.destroy_process_group()
+
+
+def compat_run() -> dict[str, Any]:
+    """A pytorch-accelerated style run on two processes: OneCycleLR sized by the placeholders, with
+    accumulation (it refuses a step past its total, so an overcount fails the run)."""
+    import functools
+
+    from examples.digits import make_data
+    from phasetrain.compat import Trainer as CompatTrainer
+    from phasetrain.compat import TrainerPlaceholderValues
+    data = make_data(seed=0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    schedule = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1,
+                                 epochs=TrainerPlaceholderValues.NUM_EPOCHS,
+                                 steps_per_epoch=TrainerPlaceholderValues.NUM_UPDATE_STEPS_PER_EPOCH)
+    trainer = CompatTrainer(model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                            callbacks=())
+    trainer.train(train_dataset=data["train"], eval_dataset=data["eval"], num_epochs=2, per_device_batch_size=32,
+                  gradient_accumulation_steps=2, create_scheduler_fn=schedule,
+                  train_dataloader_kwargs={"num_workers": 0}, eval_dataloader_kwargs={"num_workers": 0})
+    return {"total_steps": trainer.scheduler.total_steps, "stepped": trainer.scheduler.last_epoch,
+            "updates_per_epoch": trainer.run_config.num_update_steps_per_epoch,
+            "eval_loss": trainer.run_history.get_metric_values("eval_loss_epoch")}
 
 
 if __name__ == "__main__":

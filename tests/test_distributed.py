@@ -4,24 +4,21 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, load_model
 
 from examples.digits import make_model
-from tests.conftest import digits, subprocess_env
+from tests import conftest
+from tests.conftest import digits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def two_processes(*args: str) -> subprocess.CompletedProcess[str]:
-    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "tests.distributed_job", *args],
-                          check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return conftest.two_processes("tests.distributed_job", *args)
 
 
 def test_two_processes_train_and_gather_each_sample_exactly_once(tmp_path: pathlib.Path) -> None:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from safetensors.torch import load_file, load_model
 
 from examples.digits import make_model
 from phasetrain import EMA, Callback, ConfigError, Freeze, RunConfig, Trainer
-from tests.conftest import ResumePoint, digits_config, subprocess_env
+from tests.conftest import ResumePoint, digits_config, two_processes
 from tests.test_schedulers import expected_run_lrs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -226,10 +224,7 @@ def test_best_safetensors_holds_the_weights_of_the_best_epoch_not_the_last(tmp_p
 @pytest.mark.slow
 def test_two_cpu_processes_refuse_freezing_and_sync_batchnorm_and_step_schedules_over_their_shared_total(
         tmp_path: pathlib.Path) -> None:
-    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "-m", "tests.features_job", str(tmp_path)],
-                            check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    result = two_processes("tests.features_job", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(2):
         seen = json.loads((tmp_path / f"refusals-{rank}.json").read_text())
@@ -243,6 +238,10 @@ def test_two_cpu_processes_refuse_freezing_and_sync_batchnorm_and_step_schedules
         for rank in (0, 1):
             lrs = json.loads((tmp_path / f"lrs-accum{grad_accum_steps}-rank{rank}.json").read_text())
             assert lrs == pytest.approx(expected_run_lrs(steps), rel=1e-12), (grad_accum_steps, rank)
+    # phasetrain.compat: 20 batches per process, 2 per update: 10 updates an epoch, 20 in 2 epochs, on each.
+    runs = [json.loads((tmp_path / f"compat-{rank}.json").read_text()) for rank in (0, 1)]
+    assert runs[0] == runs[1]  # the same schedule and the same (reduced) losses on both
+    assert (runs[0]["total_steps"], runs[0]["stepped"], runs[0]["updates_per_epoch"]) == (20, 20, 10)
 
 
 def test_sync_batchnorm_leaves_the_model_of_one_process_as_it_is(tmp_path: pathlib.Path) -> None:

@@ -85,13 +85,24 @@ def test_fast_dev_run_runs_one_batch_of_each_phase_and_writes_nothing(tmp_path: 
     assert not (tmp_path / "run").exists()
 
 
-def test_clipping_by_value_clips_the_accumulated_gradient_once_on_the_update_step(tmp_path: pathlib.Path) -> None:
+def clip_by_value(model: torch.nn.Module, clip: float) -> None:
+    for parameter in model.parameters():
+        parameter.grad.clamp_(-clip, clip)
+
+
+def clip_by_norm(model: torch.nn.Module, clip: float) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+
+
+@pytest.mark.parametrize(("key", "clip", "by_hand"), [("max_grad_value", 1e-3, clip_by_value),
+                                                      ("max_grad_norm", 0.05, clip_by_norm)], ids=["value", "norm"])
+def test_clipping_clips_the_accumulated_gradient_once_on_the_update_step(tmp_path: pathlib.Path, key: str,
+                                                                        clip: float, by_hand: Any) -> None:
     # One SGD step (lr 1) from two micro-batches, by hand: w - clip(g1/2 + g2/2). Clipping each partial sum,
     # as pytorch-accelerated does (clip(clip(g1/2) + g2/2)), gives other weights, even other signs.
-    clip = 1e-3
     config = digits_config(tmp_path / "run", optimizer={"target": "torch.optim:SGD", "args": {"lr": 1.0}},
                            model={"args": {"hidden": 64, "dropout": 0.0}},
-                           train={"epochs": 1, "limit_batches": 2, "grad_accum_steps": 2, "max_grad_value": clip,
+                           train={"epochs": 1, "limit_batches": 2, "grad_accum_steps": 2, key: clip,
                                   "shuffle": False, **FAST})
     trainer = Trainer(config)
     model = copy.deepcopy(trainer.model)
@@ -99,9 +110,10 @@ def test_clipping_by_value_clips_the_accumulated_gradient_once_on_the_update_ste
     for first in (0, 64):
         inputs, targets = (torch.stack(column) for column in zip(*(train[i] for i in range(first, first + 64))))
         (torch.nn.functional.cross_entropy(model(inputs), targets) / 2).backward()
+    by_hand(model, clip)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter -= parameter.grad.clamp(-clip, clip)
+            parameter -= parameter.grad
     trainer.run()
     for expected, trained in zip(model.parameters(), trainer.model.parameters(), strict=True):
         torch.testing.assert_close(trained, expected, rtol=0, atol=1e-7)
