@@ -81,6 +81,17 @@ def test_events_fire_in_pytorch_accelerated_order_with_its_epochs_and_batches() 
     assert theirs.events == ours.events
 
 
+class Lengths(TrainerCallback):
+    def on_train_epoch_start(self, trainer: Any, **kwargs: Any) -> None:
+        self.seen = (len(trainer._train_dataloader), len(trainer._eval_dataloader))
+
+
+def test_callbacks_that_ask_the_length_of_the_loaders_get_this_process_batch_counts() -> None:
+    lengths = Lengths()
+    train(Trainer, [lengths])
+    assert lengths.seen == (3, 2)  # 40 train samples and 20 eval samples, in batches of 16
+
+
 def test_the_logged_train_loss_is_the_true_mean_with_accumulation() -> None:
     # With lr 0 the weights never move: every epoch's mean loss is the same, whatever the accumulation.
     # pytorch-accelerated divides the logged loss by the accumulation steps.

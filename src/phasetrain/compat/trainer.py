@@ -261,6 +261,16 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
     def device(self) -> torch.device:
         return self._accelerator.device
 
+    @property
+    def _train_dataloader(self) -> _BatchCount | None:
+        """For callbacks that ask ``len(trainer._train_dataloader)``: this process's batches per epoch."""
+        return None if self.train_dataset is None else _BatchCount(self.data.batches_per_epoch)
+
+    @property
+    def _eval_dataloader(self) -> _BatchCount | None:
+        """For callbacks that ask ``len(trainer._eval_dataloader)``: this process's eval batches."""
+        return None if self.eval_dataset is None else _BatchCount(self.data.eval_batch_count(self.eval_dataset))
+
     def get_model(self, keep_torch_compile: bool = True) -> torch.nn.Module:
         """The model without its data-parallel wrapper."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=keep_torch_compile)
@@ -514,6 +524,18 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         self.print(error)
         self.request_stop(str(error) or "StopTrainingError")
         self.callback_handler.call_event("on_stop_training_error", self)
+
+
+class _BatchCount:
+    """The length of a loader phasetrain builds itself, each epoch anew (there is no one loader object)."""
+
+    def __init__(self, batches: int | None) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        if self.batches is None:
+            raise TypeError("the train dataset has no length, so its loader has none")
+        return self.batches
 
 
 def _default_workers() -> int:
