@@ -16,6 +16,7 @@ from phasetrain import ConfigError, NonFiniteLossError
 from phasetrain.compat import (
     EarlyStoppingCallback,
     StopTrainingError,
+    TerminateOnNaNCallback,
     Trainer,
     TrainerCallback,
     TrainerPlaceholderValues,
@@ -206,3 +207,29 @@ def test_save_and_load_checkpoint_round_trip_and_evaluate_records_evaluation_los
     assert [e for e, _, _ in events.events] == ["on_evaluation_run_start", "on_eval_epoch_start", "on_eval_step_start",
                                                 "on_eval_step_end", "on_eval_step_start", "on_eval_step_end",
                                                 "on_eval_epoch_end", "on_evaluation_run_end"]
+
+
+def test_a_nan_eval_loss_stops_training_once_after_that_evaluation(capsys: pytest.CaptureFixture[str]) -> None:
+    class NaNEval(Trainer):
+        def calculate_eval_batch_loss(self, batch: Any) -> dict[str, Any]:
+            output = super().calculate_eval_batch_loss(batch)
+            return {**output, "loss": output["loss"] * float("nan")}
+
+    events = recorder(TrainerCallback)
+    trainer = train(NaNEval, [TerminateOnNaNCallback(), events], num_epochs=4)
+    assert trainer.state.epoch == 1
+    assert [e for e, _, _ in events.events].count("on_stop_training_error") == 1
+    assert capsys.readouterr().out.count("Stopping training due to NaN loss in validation step") == 1
+
+
+def test_loaders_of_its_own_and_unused_loader_settings_are_named() -> None:
+    class OwnLoader(Trainer):
+        def create_eval_dataloader(self, batch_size: int, eval_dl_kwargs: Any = None) -> Any:
+            raise AssertionError("never called")
+
+    with pytest.raises(ConfigError, match=r"^OwnLoader overrides create_eval_dataloader; phasetrain builds its "
+                                          r"loaders itself"):
+        train(OwnLoader, [])
+    with pytest.warns(UserWarning, match=r"^train_dataloader_kwargs: persistent_workers, worker_init_fn not used"):
+        train(Trainer, [], train_dataloader_kwargs={"num_workers": 0, "worker_init_fn": print,
+                                                    "persistent_workers": False, "pin_memory": True})

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from phasetrain import Callback, ConfigError, GraphError, Phase, RunConfig, Trainer
+from phasetrain import Callback, CallbackError, ConfigError, GraphError, Phase, RunConfig, Trainer
 from phasetrain.batches import Accumulation, RunData
 from phasetrain.config import TrainConfig
 from phasetrain.data import EpochBatchSampler
@@ -155,6 +155,22 @@ def test_overriding_a_bookkeeping_method_is_refused_with_what_to_do_instead() ->
         class NoBookkeeping(Trainer):
             def end_optimizer_step(self, loss: torch.Tensor) -> None:
                 pass
+
+
+def test_code_written_for_the_old_hook_and_step_signatures_is_refused_before_it_runs(config: RunConfig) -> None:
+    with pytest.raises(TypeError, match=r"^Interval.scheduler_step takes an argument, but since phasetrain 0.3 it is "
+                                        r"called with none, after every optimizer step"):
+        class Interval(Trainer):
+            def scheduler_step(self, interval: str) -> None:
+                pass
+
+    class OldEvalHook(Callback):
+        def on_eval_step_end(self, trainer: Trainer, batch_output: dict) -> None:
+            pass
+
+    with pytest.raises(CallbackError, match=r"^OldEvalHook.on_eval_step_end takes 1 argument after trainer, but the "
+                                            r"hook is called with \(trainer, batch, batch_output\) since phasetrain 0.3"):
+        Trainer(config, callbacks=[OldEvalHook()])
 
 
 # ---- batches: one owner ------------------------------------------------------------------------------

@@ -410,7 +410,9 @@ def test_drawing_a_run_folder_imports_none_of_its_phases(tmp_path: pathlib.Path,
     # From the folder the module sits in, as someone inspecting a received run would: importable if asked for.
     result = cli("graph", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "    eval_epoch --> marked: else" in result.stdout.splitlines()
+    # Added with no condition, the phase is eval_epoch's only way out: the edges after it are not drawn.
+    lines = result.stdout.splitlines()
+    assert "    eval_epoch --> marked" in lines and "    eval_epoch --> checkpoint: checkpoint_due" not in lines
     assert not marker.exists(), "phasetrain graph RUN_DIR imported the run's phase module"
     result = cli("graph", str(tmp_path / "run" / "config.yaml"), cwd=tmp_path)  # a config is code: it runs
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phasetrain import Callback, EarlyStopping, RunConfig, Trainer
+from phasetrain import Callback, ConfigError, EarlyStopping, RunConfig, Trainer
 from tests.conftest import digits, digits_config
 
 # The digits train split has 1257 samples: at batch 64 an epoch has 20 optimizer steps.
@@ -166,3 +166,48 @@ def test_a_dataset_without_a_length_trains_with_a_progress_bar_that_counts_witho
     trainer.run()
     assert trainer.state.optimizer_step == 10
     assert re.search(r"epoch 1/1: 10step \[", capsys.readouterr().err)
+
+
+def test_a_resume_may_not_stretch_a_schedule_sized_by_the_run_length(tmp_path: pathlib.Path) -> None:
+    # OneCycleLR's saved state keeps total_steps: a longer resumed run would step past its end.
+    scheduler = {"target": "torch.optim.lr_scheduler:OneCycleLR", "args": {"max_lr": 0.01, "total_steps": "{total_steps}"}}
+    config = digits_config(tmp_path / "run", scheduler=scheduler, train={"epochs": 1, **FAST},
+                           checkpoint={"every_steps": 10})
+    with pytest.raises(RuntimeError, match="crash"):
+        Trainer(config, callbacks=[Crash(step=15)]).run()
+    longer = config.with_overrides(["train.epochs=3"])
+    with pytest.raises(ConfigError, match=r"^train.epochs 1 -> 3 changed since checkpoint epoch001-step0000010-"
+                                          r"train_epoch, but the scheduler was sized by \{total_steps\} for the old "
+                                          r"length, and its saved state keeps that length; restore the old value"):
+        Trainer(longer).run(resume="latest")
+    lower = config.with_overrides(["train.max_steps=5"])
+    with pytest.raises(ConfigError, match=r"^train.max_steps=5, but checkpoint .* is at optimizer step 10: give "
+                                          r"train.max_steps >= 10$"):
+        Trainer(lower).run(resume="latest")
+    Trainer(config).run(resume="latest")  # as it was: fine
+
+
+def test_limit_batches_applies_to_a_dataset_without_a_length_too(tmp_path: pathlib.Path) -> None:
+    counter = Counter()
+    trainer = Trainer(digits_config(tmp_path / "run", data=None, train={"epochs": 1, "batch_size": 10,
+                                                                         "limit_batches": 3}),
+                      train_data=Stream(), eval_data=Stream(), callbacks=[counter])
+    trainer.run()
+    assert (counter.train_batches, counter.eval_batches, trainer.state.optimizer_step) == (3, 3, 3)
+
+
+def test_a_collate_fn_makes_the_batches(tmp_path: pathlib.Path) -> None:
+    def as_dict(samples: list[Any]) -> dict[str, torch.Tensor]:
+        inputs, targets = zip(*samples)
+        return {"inputs": torch.stack(inputs), "targets": torch.stack(targets)}
+
+    seen: list[type] = []
+
+    class Kinds(Callback):
+        def on_train_batch_end(self, trainer: Trainer, batch: Any, batch_output: dict[str, Any]) -> None:
+            seen.append(type(batch))
+
+    data = digits()
+    Trainer(digits_config(tmp_path / "run", data=None, train={"epochs": 1, "limit_batches": 2, **FAST}),
+            train_data=data["train"], eval_data=data["eval"], collate_fn=as_dict, callbacks=[Kinds()]).run()
+    assert seen == [dict, dict]

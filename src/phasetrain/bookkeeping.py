@@ -72,12 +72,23 @@ class EpochScheduler(Callback):
             self.scheduler.step()
 
 
-def bookkeeping_callbacks(monitor: MonitorValue, scheduler: Any, interval: str) -> list[Callback]:
-    """The trainer's own callbacks: the monitored value, and what steps a scheduler that does not step per
-    optimizer step (a ReduceLROnPlateau, or one with ``interval: epoch``)."""
+def scheduler_stepping(scheduler: Any, spec: Any) -> str:
+    """When the run steps its scheduler, decided once: ``"step"`` (``scheduler_step()`` after every optimizer
+    step), ``"epoch"`` (``EpochScheduler``), ``"plateau"`` (``PlateauScheduler``) or ``"none"``. A scheduler
+    that does not come from the config (an overridden ``create_scheduler``) steps per optimizer step."""
+    if scheduler is None:
+        return "none"
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return "plateau"
+    return spec.interval if spec is not None else "step"
+
+
+def bookkeeping_callbacks(monitor: MonitorValue, scheduler: Any, stepping: str) -> list[Callback]:
+    """The trainer's own callbacks: the monitored value, and what steps a scheduler that does not step per
+    optimizer step (``stepping`` from ``scheduler_stepping``)."""
+    if stepping == "plateau":
         return [monitor, PlateauScheduler(scheduler, monitor.monitor)]
-    return [monitor, *([EpochScheduler(scheduler)] if scheduler is not None and interval == "epoch" else [])]
+    return [monitor, *([EpochScheduler(scheduler)] if stepping == "epoch" else [])]
 
 
 def warn_if_never_logged(monitor: str, record_prefixes: Iterable[str | None], metric_names: Iterable[str]) -> None:

@@ -7,6 +7,7 @@ trainer is built, never silently ignored. Progress bars, console lines, the run 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import pathlib
@@ -78,6 +79,7 @@ class CallbackList:
             # A typo is refused now; a phase hook may name a phase that add_phase adds later: check() at run().
             if any(not name.startswith(("on_enter_", "on_exit_")) for name in unknown):
                 self._refuse(callback, unknown)
+            _refuse_old_signatures(callback)
         # Precompute the bound methods per hook: dispatch in the batch loop is one dict lookup.
         self._hooks: dict[str, list[Callable[..., Any]]] = {
             name: [getattr(cb, name) for cb in self.callbacks if callable(getattr(cb, name, None))]
@@ -126,6 +128,23 @@ def with_callbacks(current: list[Callback], added: list[Callback], defaults: lis
     default_types = {type(cb) for cb in defaults}
     kept = [cb for cb in current if not (type(cb) in default_types and any(isinstance(new, type(cb)) for new in added))]
     return kept + added
+
+
+#: Hooks whose arguments changed: the number of arguments after ``trainer`` an old hook takes, and the call now.
+_CHANGED_HOOKS = {"on_eval_step_end": (1, "(trainer, batch, batch_output) since phasetrain 0.3")}
+
+
+def _refuse_old_signatures(callback: Callback) -> None:
+    """A hook written for an older phasetrain fails at its first call, mid-run; say so when it is registered."""
+    for name, (before, now) in _CHANGED_HOOKS.items():
+        hook = getattr(type(callback), name, None)
+        if hook is None:
+            continue
+        parameters = list(inspect.signature(hook).parameters.values())[2:]  # after self and trainer
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) == before and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
+            raise CallbackError(f"{type(callback).__name__}.{name} takes {before} argument after trainer, but the "
+                                f"hook is called with {now}: add the missing parameter")
 
 
 def _unknown_hooks(callback: Callback, hook_names: set[str]) -> list[str]:

@@ -91,7 +91,7 @@ class CheckpointPhase(Phase):
 
     def run(self, trainer: Trainer) -> None:
         # Saving is this phase's whole work: a resume goes on to the next phase, not through it again.
-        trainer._save_checkpoint(phase_finished=True)
+        trainer.save_checkpoint(phase_finished=True)
 
 
 class DonePhase(Phase):

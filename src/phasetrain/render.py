@@ -84,10 +84,12 @@ def _drawn_edge(edge: Any) -> DrawnEdge:
 
 
 def describe(graph: PhaseGraph | GraphView) -> GraphView:
-    """The ``GraphView`` of a live graph (a view is returned as it is)."""
+    """The ``GraphView`` of a live graph (a view is returned as it is): the edges that can be taken, so an
+    unconditional edge added before a phase's other ways out (``add_phase`` with no condition) hides them."""
     if isinstance(graph, GraphView):
         return graph
-    return GraphView(tuple(graph.names), tuple(DrawnEdge(e.source, e.dest, edge_label(graph, e)) for e in graph.edges))
+    return GraphView(tuple(graph.names),
+                     tuple(DrawnEdge(e.source, e.dest, edge_label(graph, e)) for e in graph.live_edges()))
 
 
 def render(graph: PhaseGraph | GraphView, fmt: str = "mermaid", highlight: str | None = None) -> str | bytes:
@@ -128,7 +130,7 @@ def edge_label(graph: PhaseGraph, edge: Edge) -> str:
     """The condition's label; an unconditional edge after conditional ones is the 'else' branch."""
     if edge.condition is not None:
         return edge.condition.label
-    return "else" if len(graph.edges_from(edge.source)) > 1 else ""
+    return "else" if graph.edges_from(edge.source)[0] != edge else ""
 
 
 def to_mermaid(graph: PhaseGraph | GraphView, highlight: str | None = None) -> str:

@@ -61,6 +61,20 @@ def refuse_changes(saved: dict[str, Any], current: dict[str, Any], checkpoint: s
     if max_steps is not None and max_steps < step:
         raise ConfigError(f"train.max_steps={max_steps}, but checkpoint {checkpoint} is at optimizer step {step}: "
                           f"give train.max_steps >= {step}")
+    _refuse_a_stretched_schedule(changed, saved, current, checkpoint)
+
+
+def _refuse_a_stretched_schedule(changed: list[str], saved: dict[str, Any], current: dict[str, Any],
+                                 checkpoint: str) -> None:
+    """A scheduler sized by ``"{total_steps}"`` or ``"{epochs}"`` keeps the length it was built with: its saved
+    state overrides the new one (a OneCycleLR then fails past its end, a cosine stays at its floor)."""
+    from phasetrain.schedulers import LENGTH_PLACEHOLDERS, placeholders_in
+    lengths = [key for key in changed if key in ("train.epochs", "train.max_steps")]
+    used = placeholders_in((current.get("scheduler") or {}).get("args", {})) & set(LENGTH_PLACEHOLDERS)
+    if lengths and used:
+        raise ConfigError(f"{_show(lengths, saved, current)} changed since checkpoint {checkpoint}, but the scheduler "
+                          f"was sized by {', '.join(f'{{{name}}}' for name in sorted(used))} for the old length, and "
+                          "its saved state keeps that length; restore the old value, or start a new run")
 
 
 def apply_changes(saved: dict[str, Any], current: dict[str, Any], optimizer: Any) -> str | None:

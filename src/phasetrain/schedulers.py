@@ -14,6 +14,7 @@ and "N epochs"; anything richer belongs in a scheduler function of your own.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -40,11 +41,10 @@ class RunLength:
 
 
 #: The names a scheduler arg may hold in braces: the fields of RunLength.
-PLACEHOLDERS = ("epochs", "steps_per_epoch", "total_steps", "batch_size", "eval_batch_size", "num_processes",
-                "grad_accum_steps")
+PLACEHOLDERS = tuple(field.name for field in dataclasses.fields(RunLength))
 
-#: Scheduler targets the config accepts without a module.
-BY_NAME: dict[str, str] = {"warmup_cosine": "phasetrain.schedulers:warmup_cosine"}
+#: The placeholders whose value follows train.epochs or train.max_steps (a resume may change those).
+LENGTH_PLACEHOLDERS = ("epochs", "total_steps")
 
 _PLACEHOLDER = re.compile(r"\{(?P<name>\w*)\}(?:\s*\*\s*(?P<times>\d+))?")
 _BRACED_WORD = re.compile(r"\{\w*\}")
@@ -88,6 +88,16 @@ def _resolve(value: Any, length: RunLength, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} has no value in this run: the train dataset has no length (an "
                           f"IterableDataset without __len__), so its steps are not known ahead; {remedy} instead")
     return number * int(match["times"] or 1)
+
+
+def placeholders_in(args: Any) -> set[str]:
+    """The placeholder names ``args`` uses, at any depth (``{"T_max": "{total_steps}"}`` -> ``{"total_steps"}``)."""
+    if isinstance(args, dict):
+        return set().union(*(placeholders_in(value) for value in args.values()))
+    if isinstance(args, list | tuple):
+        return set().union(*(placeholders_in(value) for value in args))
+    match = _PLACEHOLDER.fullmatch(args.strip()) if isinstance(args, str) else None
+    return {match["name"]} if match else set()
 
 
 def _known() -> str:

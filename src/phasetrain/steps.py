@@ -41,6 +41,7 @@ class TrainerSteps:
     run_length: RunLength
     callbacks: CallbackList
     _direct: bool  # backward and optimizer calls skip accelerate's wrappers (see accelerator.direct_steps)
+    _scheduler_stepping: str  # bookkeeping.scheduler_stepping: "step", "epoch", "plateau" or "none"
     _step_optimizer: Any
 
     # ---- the run and its epochs (no-ops unless overridden) ---------------------------------------------
@@ -110,8 +111,7 @@ class TrainerSteps:
         """After every optimizer step (a skipped one too): step the LR scheduler if it runs per step.
         One with ``interval: epoch`` steps after each train epoch's record, and a ReduceLROnPlateau on
         ``checkpoint.monitor`` whenever a record carries it; the trainer does both (``bookkeeping.py``)."""
-        spec = self.config.scheduler
-        if self.scheduler is not None and (spec is None or spec.interval == "step") and not _is_plateau(self.scheduler):
+        if self._scheduler_stepping == "step":
             self.scheduler.step()
 
     def update_metrics(self, batch: Any, batch_output: BatchOutput) -> None:
@@ -167,6 +167,3 @@ class TrainerSteps:
     def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")
 
-
-def _is_plateau(scheduler: Any) -> bool:
-    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)

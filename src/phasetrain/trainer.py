@@ -15,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pathlib
@@ -29,7 +30,7 @@ from torch.utils.data import Dataset
 
 from phasetrain.accelerator import direct_steps, make_accelerator, release_at_exit
 from phasetrain.batches import RunData
-from phasetrain.bookkeeping import MonitorValue, bookkeeping_callbacks, warn_if_never_logged
+from phasetrain.bookkeeping import MonitorValue, bookkeeping_callbacks, scheduler_stepping, warn_if_never_logged
 from phasetrain.callbacks import Callback, CallbackList, say, with_callbacks
 from phasetrain.checkpoint import Checkpoints
 from phasetrain.checks import check_loss_step, check_model_fits_loss
@@ -105,7 +106,8 @@ class Trainer(TrainerSteps):
         for phase in self.machine.graph.phases.values():
             phase.check(self)
         self._monitor = MonitorValue(cfg.checkpoint.monitor)
-        self._bookkeeping = bookkeeping_callbacks(self._monitor, self.scheduler, self._scheduler_interval())
+        self._scheduler_stepping = scheduler_stepping(self.scheduler, self.config.scheduler)
+        self._bookkeeping = bookkeeping_callbacks(self._monitor, self.scheduler, self._scheduler_stepping)
         defaults = self.default_callbacks()
         self.callbacks = self._callback_list(with_callbacks(defaults, parts.callbacks + list(callbacks or []), defaults))
         if cfg.checkpoint.keep_best:
@@ -121,9 +123,15 @@ class Trainer(TrainerSteps):
             release_at_exit(self)
 
     def __init_subclass__(cls, replaces: tuple[str, ...] = (), **kwargs: Any) -> None:
-        # `replaces`: bookkeeping methods a layer such as phasetrain.compat gives another meaning, knowing that
-        # the run's own bookkeeping never calls them (it calls the private `_save_checkpoint` and the like).
+        # `replaces`: bookkeeping methods a layer such as phasetrain.compat extends with another signature; its
+        # version must still do the bookkeeping when called as this one is (phasetrain.compat's save_checkpoint
+        # does, without a save_path).
         super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("scheduler_step")
+        if step is not None and len(inspect.signature(step).parameters) > 1:
+            raise TypeError(f"{cls.__name__}.scheduler_step takes an argument, but since phasetrain 0.3 it is called "
+                            "with none, after every optimizer step; a scheduler with interval: epoch is stepped by "
+                            "the trainer after the epoch record")
         for name, instead in NOT_OVERRIDABLE.items():
             if name in cls.__dict__ and name not in replaces:
                 raise TypeError(f"{cls.__name__} overrides Trainer.{name}, which does the run's bookkeeping and is "
@@ -178,9 +186,6 @@ class Trainer(TrainerSteps):
         scratch = tempfile.TemporaryDirectory(prefix="phasetrain-fast-dev-run-")
         self._scratch = scratch  # removed with the trainer
         return pathlib.Path(scratch.name) / "run"
-
-    def _scheduler_interval(self) -> str:
-        return self.config.scheduler.interval if self.config.scheduler is not None else "step"
 
     def _callback_list(self, callbacks: list[Callback]) -> CallbackList:
         # The trainer's own callbacks come after the user's, whatever the user's list holds.
@@ -288,9 +293,6 @@ class Trainer(TrainerSteps):
         A resume from it runs the current phase again from its start, unless ``phase_finished``: a phase
         that saves as its last act says so, and a resume goes on to the next phase instead.
         """
-        return self._save_checkpoint(phase_finished)
-
-    def _save_checkpoint(self, phase_finished: bool = False) -> pathlib.Path:
         if phase_finished:
             self.state.phase_complete = True
         return self._checkpoints.save(self.state, self._to_save(), self._per_process(),
@@ -307,7 +309,7 @@ class Trainer(TrainerSteps):
         return {"rng": ProcessRNG(), "train_loss": self._train_loss}
 
     def _stop_for_signal(self) -> None:
-        path = self._save_checkpoint()
+        path = self.save_checkpoint()
         raise RunInterrupted(self._signals.received_signal, path, self.run_folder.path, bool(self._objects))
 
     # ---- what the built-in phases call ---------------------------------------------------------------
@@ -419,7 +421,7 @@ class Trainer(TrainerSteps):
             self._stop_for_signal()
         every = self.config.checkpoint.every_steps or 0
         if every and state.optimizer_step % every == 0:
-            self._save_checkpoint()
+            self.save_checkpoint()
 
     def eval_epoch(self) -> None:
         """Loss and every metric over the eval set, logged as ``eval/loss``, ``eval/<metric>``."""

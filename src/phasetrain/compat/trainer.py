@@ -86,6 +86,10 @@ class TrainerPlaceholderValues(Enum):
     def __add__(self, other: int) -> _Expression:
         return _Expression(self, plus=other)
 
+    def __sub__(self, other: int) -> _Expression:
+        raise TypeError(f"TrainerPlaceholderValues.{self.name} - {other}: only * and + are supported; write the "
+                        "expression with them (as pytorch-accelerated asks)")
+
 
 class _Expression:
     """``placeholder * times + plus``, resolved with the placeholder."""
@@ -155,11 +159,11 @@ class EventBridge(Callback):
         # Per batch: only the callbacks that define the event (a dict lookup when none does).
         if not self._hooks:  # evaluate() fires eval events without a run start
             self._bind()
-        for hook in self._hooks[event]:
-            try:
+        try:
+            for hook in self._hooks[event]:
                 hook(trainer, **kwargs)
-            except StopTrainingError as error:
-                trainer._stop_training(error)
+        except StopTrainingError as error:  # as in pytorch-accelerated, the event's later callbacks do not run
+            trainer._stop_training(error)
 
     def _bind(self) -> None:
         """The callbacks' own (overridden) methods per event, taken when the run starts."""
@@ -291,6 +295,7 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
 
     # ---- overridable, with pytorch-accelerated's defaults -------------------------------------------------
     def get_default_train_dl_kwargs(self, batch_size: int) -> dict[str, Any]:
+        # pytorch-accelerated's defaults but its worker_init_fn: phasetrain seeds each worker per batch
         return {"shuffle": True, "pin_memory": torch.cuda.is_available(), "batch_size": batch_size,
                 "num_workers": _default_workers()}
 
@@ -336,10 +341,11 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         """Train on ``train_dataset`` for ``num_epochs`` (or ``max_num_train_steps`` optimizer steps),
         evaluating on ``eval_dataset`` after every epoch. ``resume_from="latest"`` (with the same
         ``run_dir``) continues an interrupted run exactly where its last checkpoint was taken."""
-        if type(self).create_train_dataloader is not Trainer.create_train_dataloader:
-            raise ConfigError(f"{type(self).__name__} overrides create_train_dataloader; phasetrain builds the "
-                              "loader itself so that the data order is resumable: pass its settings as "
-                              "train_dataloader_kwargs/collate_fn, or batch inside calculate_train_batch_loss")
+        for name in ("create_train_dataloader", "create_eval_dataloader"):
+            if getattr(type(self), name) is not getattr(Trainer, name):
+                raise ConfigError(f"{type(self).__name__} overrides {name}; phasetrain builds its loaders itself so "
+                                  "that the data order is resumable: pass their settings as train_dataloader_kwargs/"
+                                  "eval_dataloader_kwargs and collate_fn, or batch inside calculate_*_batch_loss")
         if resume_from is not None and run_dir is None:
             raise ConfigError(f"resume_from={resume_from!r} needs the run folder of the run to continue: pass the "
                               "run_dir= it was trained with (phasetrain checkpoints live in RUN_DIR/checkpoints)")
@@ -349,13 +355,12 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
             self._history.reset()
         train_kwargs = self._loader_settings(self.get_default_train_dl_kwargs(per_device_batch_size),
                                              train_dataloader_kwargs, "train_dataloader_kwargs")
-        eval_kwargs = self._loader_settings(self.get_default_eval_dl_kwargs(train_kwargs["batch_size"]),
+        eval_kwargs = self._loader_settings(self.get_default_eval_dl_kwargs(per_device_batch_size),
                                             eval_dataloader_kwargs, "eval_dataloader_kwargs")
         self._train_dl_kwargs, self._eval_dl_kwargs = train_kwargs, eval_kwargs
         scratch = None if run_dir is not None else tempfile.mkdtemp(prefix="phasetrain-compat-")
         folder = pathlib.Path(run_dir if run_dir is not None else pathlib.Path(scratch or "") / "run")
-        limit = next((cb.num_batches for cb in self.callback_handler if isinstance(cb, LimitBatchesCallback)),
-                     limit_batches_from_env())
+        limit = self._batch_limit()
         train = {"epochs": num_epochs, "batch_size": train_kwargs["batch_size"],
                  "eval_batch_size": eval_kwargs["batch_size"], "grad_accum_steps": gradient_accumulation_steps,
                  "max_grad_value": None if gradient_clip_value is None else float(gradient_clip_value),
@@ -364,8 +369,9 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
                  "progress_bar": False, "log_every_steps": 50 if run_dir is not None else 0,
                  "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
                  "sync_batchnorm": any(isinstance(cb, ConvertSyncBatchNormCallback) for cb in self.callback_handler)}
-        if max_num_train_steps is not None:  # pytorch-accelerated: max steps decide the number of epochs
-            train["epochs"] = max(1, math.ceil(max_num_train_steps / self._steps_per_epoch(train)))
+        steps_per_epoch = self._steps_per_epoch(train) if max_num_train_steps is not None else None
+        if steps_per_epoch is not None:  # pytorch-accelerated: max steps decide the number of epochs
+            train["epochs"] = max(1, math.ceil(max_num_train_steps / steps_per_epoch))  # type: ignore[operator]
         keep = run_dir is not None
         config = RunConfig(run_dir=folder, seed=seed, train=train, overwrite=not keep,
                            checkpoint={"every_epochs": 1 if keep else 0, "keep_best": 1 if keep and eval_dataset is not None else 0})
@@ -395,6 +401,7 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         try:
             config = RunConfig(run_dir=pathlib.Path(scratch) / "run", seed=42, train={
                 "epochs": 1, "batch_size": kwargs["batch_size"], "num_workers": kwargs["num_workers"],
+                "limit_batches": self._batch_limit(),
                 "progress_bar": False, "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no")},
                 checkpoint={"every_epochs": 0, "keep_best": 0})
             self._build(config, dataset, dataset)
@@ -418,11 +425,20 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         """Not an override point here: phasetrain owns the train loader (resumable data order)."""
         raise NotImplementedError("phasetrain builds the train loader itself; see Trainer.train")
 
+    def create_eval_dataloader(self, batch_size: int, eval_dl_kwargs: dict[str, Any] | None = None) -> Any:
+        """Not an override point here: phasetrain owns the eval loader (each sample once on N processes)."""
+        raise NotImplementedError("phasetrain builds the eval loader itself; see Trainer.train")
+
     # ---- checkpoints in pytorch-accelerated's format ----------------------------------------------------------
-    def save_checkpoint(self, save_path: str | os.PathLike[str], checkpoint_kwargs: dict[str, Any] | None = None,  # type: ignore[override]
-                        save_optimizer: bool = True, save_scheduler: bool = True, save_per_node: bool = True) -> None:
+    def save_checkpoint(self, save_path: str | os.PathLike[str] | None = None,  # type: ignore[override]
+                        checkpoint_kwargs: dict[str, Any] | None = None, save_optimizer: bool = True,
+                        save_scheduler: bool = True, save_per_node: bool = True,
+                        phase_finished: bool = False) -> Any:
         """Write the model (and optimizer, scheduler) state to ``save_path``, as pytorch-accelerated does;
-        written atomically, by the main process only. phasetrain's own checkpoints need ``run_dir``."""
+        written atomically, by the main process only. Without ``save_path``, phasetrain's own checkpoint of
+        the whole run (``phasetrain.Trainer.save_checkpoint``), which the run takes itself with ``run_dir``."""
+        if save_path is None:
+            return CoreTrainer.save_checkpoint(self, phase_finished)
         from phasetrain.run_folder import atomic_path
         checkpoint: dict[str, Any] = {"model_state_dict": self.get_model(keep_torch_compile=False).state_dict()}
         if save_optimizer:
@@ -461,18 +477,21 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
                              train_data=train_dataset, eval_data=eval_dataset, callbacks=[EventBridge(self)],
                              collate_fn=self.collate_fn)
 
-    def _steps_per_epoch(self, train: dict[str, Any]) -> int:
+    def _batch_limit(self) -> int | None:
+        """LimitBatchesCallback's number, or pytorch-accelerated's PT_ACC_LIMIT_BATCHES."""
+        return next((cb.num_batches for cb in self.callback_handler if isinstance(cb, LimitBatchesCallback)),
+                    limit_batches_from_env())
+
+    def _steps_per_epoch(self, train: dict[str, Any]) -> int | None:
+        """Optimizer steps per epoch on this process, as the run will count them (None: a dataset without a
+        length; the run then stops at num_epochs or max_num_train_steps, whichever comes first)."""
         from accelerate.state import PartialState
 
         from phasetrain.batches import RunData
         from phasetrain.config import TrainConfig
         state = PartialState()
-        data = RunData({"train": self.train_dataset}, TrainConfig(**train), 0, process_index=state.process_index,
-                       num_processes=state.num_processes)
-        if data.steps_per_epoch is None:
-            raise ConfigError("max_num_train_steps with a train dataset without a length: give num_epochs too, "
-                              "phasetrain then stops at whichever comes first")
-        return data.steps_per_epoch
+        return RunData({"train": self.train_dataset}, TrainConfig(**train), 0, process_index=state.process_index,
+                       num_processes=state.num_processes).steps_per_epoch
 
     def _placeholder_values(self) -> dict[str, int | None]:
         length, data = self.run_length, self.data
@@ -504,11 +523,12 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
                                   "run seed so that a run resumes exactly (shuffle=True/False chooses the order)")
         if settings.get("collate_fn") is not None:
             self.collate_fn = settings["collate_fn"]
-        ignored = sorted(set(settings) - {"batch_size", "shuffle", "num_workers", "drop_last", "pin_memory",
-                                           "collate_fn", "worker_init_fn", "persistent_workers"})
+        # pin_memory is phasetrain's choice (pinned when the device is not the CPU), so it is not named.
+        ignored = sorted(set(settings) - {"batch_size", "shuffle", "num_workers", "drop_last", "pin_memory", "collate_fn"})
         if ignored:
             warnings.warn(f"{what}: {', '.join(ignored)} not used: phasetrain makes its own loader (batch_size, "
-                          "shuffle, num_workers, drop_last and collate_fn are taken over)", stacklevel=3)
+                          "shuffle, num_workers, drop_last and collate_fn are taken over; workers are seeded per "
+                          "batch by phasetrain, so a worker_init_fn's seeding is not needed)", stacklevel=3)
         return settings
 
     @contextlib.contextmanager
@@ -521,6 +541,8 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
     def _stop_training(self, error: StopTrainingError) -> None:
         """End the run at the next phase boundary (the current optimizer step finishes), as a
         ``StopTrainingError`` does: its message printed, ``on_stop_training_error`` fired."""
+        if self.state.stop_requested:  # the run is stopping already (a NaN in several eval batches, say)
+            return
         self.print(error)
         self.request_stop(str(error) or "StopTrainingError")
         self.callback_handler.call_event("on_stop_training_error", self)
