@@ -211,7 +211,9 @@ class ConsoleSummary(Callback):
         say(f"epoch {record['epoch']}/{trainer.state.epochs} [{record['phase']}] {metrics}")
 
     def on_run_end(self, trainer: Trainer) -> None:
-        if trainer.accelerator.is_main_process:
+        if trainer.accelerator.is_main_process and trainer.config.train.fast_dev_run:
+            say(f"fast_dev_run: every phase ran on one batch; nothing was written to {trainer.config.run_dir}")
+        elif trainer.accelerator.is_main_process:
             folder = trainer.run_folder
             say(f"run folder: {folder.path}\n  weights: {folder.final_weights}\n  metrics: {folder.metrics}\n"
                 f"  config:  {folder.config_file}")

@@ -34,7 +34,7 @@ import torch
 from phasetrain.checkpoint_files import publish, seal, torch_save, verify, write_error
 from phasetrain.config import CheckpointConfig, RunConfig
 from phasetrain.errors import CheckpointError, CorruptCheckpoint
-from phasetrain.run_folder import RunFolder, atomic_path, follow_umask, read_latest
+from phasetrain.run_folder import atomic_path, follow_umask, read_latest
 from phasetrain.state import RunState
 
 _T = TypeVar("_T")
@@ -47,12 +47,13 @@ BEST_MODULE = "model"
 
 class Checkpoints:
     """The checkpoints of one run folder. ``process`` is accelerate's ``PartialState`` (or anything with
-    ``is_main_process``, ``process_index``, ``num_processes`` and ``wait_for_everyone()``)."""
+    ``is_main_process``, ``process_index``, ``num_processes`` and ``wait_for_everyone()``). With ``keep_best``,
+    the best checkpoint's model weights are exported to ``best_weights`` (``RUN_DIR/best.safetensors``)."""
 
-    def __init__(self, folder: pathlib.Path, policy: CheckpointConfig, process: Any) -> None:
+    def __init__(self, folder: pathlib.Path, policy: CheckpointConfig, process: Any,
+                 best_weights: pathlib.Path | None = None) -> None:
         self.folder, self.policy, self.process = folder, policy, process
-        #: Where the best checkpoint's model weights are exported (keep_best >= 1): RUN_DIR/best.safetensors.
-        self.best_weights = RunFolder(folder.parent).best_weights
+        self.best_weights = best_weights
 
     # ---- save ---------------------------------------------------------------------------------
     def save(self, state: RunState, to_save: Mapping[str, Any], per_process: Mapping[str, Any],
@@ -153,7 +154,7 @@ class Checkpoints:
         """Copy the weights of ``checkpoint`` (its ``model``) to ``best_weights``, atomically: the best model
         without opening a checkpoint, and one that outlives the checkpoint's retention."""
         weights = checkpoint / f"{BEST_MODULE}.safetensors"
-        if weights.is_file():
+        if self.best_weights is not None and weights.is_file():
             with atomic_path(self.best_weights) as tmp:
                 shutil.copyfile(weights, tmp)  # the file as sealed: no second serialization
 

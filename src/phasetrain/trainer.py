@@ -113,7 +113,8 @@ class Trainer(TrainerSteps):
         if cfg.checkpoint.keep_best:
             records = [phase.records for phase in self.machine.graph.phases.values()]
             warn_if_never_logged(cfg.checkpoint.monitor, records, self.metrics)
-        self._checkpoints = Checkpoints(self.run_folder.checkpoints, cfg.checkpoint, accelerator)
+        self._checkpoints = Checkpoints(self.run_folder.checkpoints, cfg.checkpoint, accelerator,
+                                        self.run_folder.best_weights)
         self._signals = StopSignals(accelerator)
         self._train_loss = TrainLoss(accelerator.device)
         self._direct = direct_steps(accelerator)
