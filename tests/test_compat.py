@@ -233,3 +233,34 @@ def test_loaders_of_its_own_and_unused_loader_settings_are_named() -> None:
     with pytest.warns(UserWarning, match=r"^train_dataloader_kwargs: persistent_workers, worker_init_fn not used"):
         train(Trainer, [], train_dataloader_kwargs={"num_workers": 0, "worker_init_fn": print,
                                                     "persistent_workers": False, "pin_memory": True})
+
+
+def test_a_resume_may_not_change_the_epochs_a_schedule_was_sized_by(tmp_path: pathlib.Path) -> None:
+    class Crash(TrainerCallback):
+        def on_train_epoch_start(self, trainer: Any, **kwargs: Any) -> None:
+            if trainer.run_history.current_epoch == 2:
+                raise RuntimeError("crash")
+
+    schedule = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1,
+                                 epochs=TrainerPlaceholderValues.NUM_EPOCHS,
+                                 steps_per_epoch=TrainerPlaceholderValues.NUM_UPDATE_STEPS_PER_EPOCH)
+    with pytest.raises(RuntimeError, match="crash"):
+        train(Trainer, [Crash()], run_dir=tmp_path / "run", create_scheduler_fn=schedule)
+    with pytest.raises(ConfigError, match=r"^train.epochs 2 -> 4 changed since checkpoint .*, but the scheduler was "
+                                          r"sized by \{epochs\}"):
+        train(Trainer, [], run_dir=tmp_path / "run", create_scheduler_fn=schedule, num_epochs=4, resume_from="latest")
+
+
+def test_evaluate_from_a_callback_during_training_evaluates_with_the_running_trainer() -> None:
+    class EvaluateTwice(TrainerCallback):
+        def on_train_epoch_end(self, trainer: Any, **kwargs: Any) -> None:
+            self.loss = trainer.evaluate(small("eval", 20))["loss"]
+
+    evaluating = EvaluateTwice()
+    trainer = train(Trainer, [evaluating], num_epochs=1)
+    assert evaluating.loss == pytest.approx(trainer.run_history.get_latest_metric("eval_loss_epoch"), rel=1e-6)
+
+
+def test_max_num_train_steps_of_zero_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"train.max_steps: Input should be greater than or equal to 1"):
+        train(Trainer, [], max_num_train_steps=0)

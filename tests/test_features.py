@@ -189,6 +189,14 @@ def test_a_freeze_pattern_that_matches_nothing_is_refused_naming_real_parameters
     assert not (tmp_path / "run").exists()
 
 
+def test_a_freeze_of_every_parameter_is_refused_before_training(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", model=SMALL, phases=[
+        {"target": "phasetrain.finetuning:Freeze", "args": {"patterns": ["*"]}, "after": "setup"}])
+    with pytest.raises(ConfigError, match=r"^phase 'freeze': patterns \['\*'\] match every parameter of the "
+                                          r"Sequential model, so nothing would train"):
+        Trainer(config)
+
+
 # ---- best.safetensors ---------------------------------------------------------------------------------
 class WeightsAtCheckpoints(Callback):
     def __init__(self) -> None:

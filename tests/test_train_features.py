@@ -211,3 +211,61 @@ def test_a_collate_fn_makes_the_batches(tmp_path: pathlib.Path) -> None:
     Trainer(digits_config(tmp_path / "run", data=None, train={"epochs": 1, "limit_batches": 2, **FAST}),
             train_data=data["train"], eval_data=data["eval"], collate_fn=as_dict, callbacks=[Kinds()]).run()
     assert seen == [dict, dict]
+
+
+class StopAt(Callback):
+    """Requests a stop when the run starts (before any epoch) or when epoch ``epoch`` is entered."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        if self.epoch == 0:
+            trainer.request_stop("at the start")
+
+    def on_enter_train_epoch(self, trainer: Trainer) -> None:
+        if trainer.state.epoch == self.epoch:
+            trainer.request_stop("at an epoch's start")
+
+
+def test_a_stop_before_the_first_epoch_goes_to_done_and_an_epoch_without_steps_logs_no_loss(
+        tmp_path: pathlib.Path) -> None:
+    trainer = Trainer(digits_config(tmp_path / "early", train={"epochs": 3, **FAST}), callbacks=[StopAt(0)])
+    trainer.run()
+    assert (trainer.state.phase, trainer.state.epoch) == ("done", 0)
+    assert (tmp_path / "early" / "model.safetensors").is_file()
+    trainer = Trainer(digits_config(tmp_path / "later", train={"epochs": 3, **FAST}), callbacks=[StopAt(2)])
+    history = trainer.run()
+    assert len(history.get_metric_values("train/loss")) == 1  # epoch 2 took no step: no loss, not a 0
+    assert [r.get("train/loss") is None for r in records(tmp_path / "later") if r["phase"] == "train_epoch"] == [
+        False, True]
+
+
+def test_resuming_a_finished_run_loads_its_final_weights(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", train={"epochs": 1, **FAST})
+    Trainer(config).run()
+    again = Trainer(config)
+    again.run(resume="latest")
+    final = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(final[name], tensor) for name, tensor in again.model.state_dict().items())
+
+
+def test_fast_dev_run_from_the_command_line_leaves_a_finished_run_dir_alone(tmp_path: pathlib.Path) -> None:
+    from tests.test_faults import cli_here
+    run_dir = tmp_path / "run"
+    Trainer(digits_config(run_dir, train={"epochs": 1, **FAST})).run()
+    before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
+    result = cli_here("run", "examples/digits.yaml", f"run_dir={run_dir}", "train.fast_dev_run=true",
+                      "train.progress_bar=false")
+    assert result.returncode == 0, result.stderr
+    assert f"nothing was written to {run_dir}" in result.stdout
+    assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before
+
+
+def test_an_unquoted_placeholder_is_named_with_the_quotes_it_needs(tmp_path: pathlib.Path) -> None:
+    from tests.test_faults import cli_here
+    result = cli_here("run", "examples/digits.yaml", f"run_dir={tmp_path / 'run'}", "scheduler.args.T_max={total_steps}")
+    assert result.returncode == 2
+    assert result.stderr == ("phasetrain: error: scheduler.args.T_max: {total_steps} was read as a mapping, not text: "
+                             "quote it, as in 'scheduler.args.T_max=\"{total_steps}\"' (YAML reads unquoted braces as a "
+                             "mapping)\n")

@@ -84,6 +84,9 @@ def _run(args: argparse.Namespace) -> int:
     from phasetrain.run_folder import RunFolder
     ensure_importable_cwd()
     config = RunConfig.from_file(args.config, overrides=args.overrides)
+    if config.train.fast_dev_run:  # it writes to a throwaway folder: run_dir is neither checked nor locked
+        _train(config, resume=None)
+        return 0
     folder = RunFolder(config.run_dir, _is_main_process())
     folder.refuse_if_occupied(config)  # in a blink, before the model, the data and the dry run are built
     with folder.locked():

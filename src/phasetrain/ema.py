@@ -47,6 +47,9 @@ class EMA(Callback):
     the average after each eval epoch and on the test split at the end (one more pass over each).
     """
 
+    #: The record prefixes it logs (``eval_ema/loss``, ...), so ``checkpoint.monitor`` may name them.
+    records = ("eval_ema", "test_ema")
+
     def __init__(self, decay: float = 0.999, every_steps: int = 1, evaluate: bool = True) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be between 0 and 1 (0.999 keeps ~1,000 steps), got {decay!r}")
@@ -62,6 +65,11 @@ class EMA(Callback):
 
     # ---- the run ----------------------------------------------------------------------------------
     def on_run_start(self, trainer: Trainer) -> None:
+        policy = trainer.config.checkpoint
+        if policy.keep_best and policy.monitor.split("/")[0] in self.records and trainer.accelerator.is_main_process:
+            warnings.warn(f"checkpoint.monitor {policy.monitor!r} ranks checkpoints by the averaged weights, but "
+                          "best.safetensors holds the model's own weights of the best checkpoint; the averaged "
+                          "ones are in that checkpoint's EMA state and, at the end, in ema.safetensors", stacklevel=2)
         model = trainer.accelerator.unwrap_model(trainer.model)
         params, buffers = list(model.named_parameters()), list(model.named_buffers())
         self._names = [name for name, _ in params + buffers]

@@ -63,6 +63,10 @@ class Freeze(Phase):
                               "DistributedDataParallel does not allow; run it in a single process")
         model = trainer.accelerator.unwrap_model(trainer.model)
         matched = self.matched(model)
+        if self.frozen and len(matched) == len(list(model.parameters())):
+            raise ConfigError(f"phase {self.name!r}: patterns {self.patterns} match every parameter of the "
+                              f"{type(model).__name__} model, so nothing would train (the first backward fails); "
+                              "name the modules to freeze, e.g. the backbone's")
         if not self.frozen:
             held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
             untrained = [name for name, param in matched if id(param) not in held]

@@ -187,6 +187,7 @@ def default_graph(eval_every: int = 1, checkpoint_every: int = 1, has_eval_data:
     """``setup -> train_epoch -> eval_epoch -> checkpoint -> done`` with the conditions of this run."""
     finished, evaluate, save = run_finished(), eval_due(eval_every, has_eval_data), checkpoint_due(checkpoint_every)
     return PhaseGraph(default_phases(), [
+        Edge(FIRST, LAST, finished),  # a stop requested before the first epoch (from on_run_start, say)
         Edge(FIRST, EPOCH),
         Edge(EPOCH, "eval_epoch", evaluate),
         Edge(EPOCH, "checkpoint", save),

@@ -7,6 +7,7 @@ before anything runs, with what to do. Never a warning that says one thing while
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from phasetrain.errors import ConfigError
@@ -38,7 +39,8 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "
     return changed
 
 
-def refuse_changes(saved: dict[str, Any], current: dict[str, Any], checkpoint: str, epoch: int, step: int) -> None:
+def refuse_changes(saved: dict[str, Any], current: dict[str, Any], checkpoint: str, epoch: int, step: int,
+                   scheduler_sized_by: Collection[str] = ()) -> None:
     """Raise a ConfigError naming the changes from ``saved`` to ``current`` that a resume cannot make;
     called before anything is loaded from the checkpoint (taken in ``epoch``, at optimizer ``step``)."""
     changed = changed_keys(saved, current)
@@ -61,16 +63,15 @@ def refuse_changes(saved: dict[str, Any], current: dict[str, Any], checkpoint: s
     if max_steps is not None and max_steps < step:
         raise ConfigError(f"train.max_steps={max_steps}, but checkpoint {checkpoint} is at optimizer step {step}: "
                           f"give train.max_steps >= {step}")
-    _refuse_a_stretched_schedule(changed, saved, current, checkpoint)
+    _refuse_a_stretched_schedule(changed, saved, current, checkpoint, scheduler_sized_by)
 
 
 def _refuse_a_stretched_schedule(changed: list[str], saved: dict[str, Any], current: dict[str, Any],
-                                 checkpoint: str) -> None:
-    """A scheduler sized by ``"{total_steps}"`` or ``"{epochs}"`` keeps the length it was built with: its saved
-    state overrides the new one (a OneCycleLR then fails past its end, a cosine stays at its floor)."""
-    from phasetrain.schedulers import LENGTH_PLACEHOLDERS, placeholders_in
+                                 checkpoint: str, used: Collection[str]) -> None:
+    """A scheduler sized by ``"{total_steps}"`` or ``"{epochs}"`` (``used``) keeps the length it was built
+    with: its saved state overrides the new one (a OneCycleLR then fails past its end, a cosine stays at
+    its floor)."""
     lengths = [key for key in changed if key in ("train.epochs", "train.max_steps")]
-    used = placeholders_in((current.get("scheduler") or {}).get("args", {})) & set(LENGTH_PLACEHOLDERS)
     if lengths and used:
         raise ConfigError(f"{_show(lengths, saved, current)} changed since checkpoint {checkpoint}, but the scheduler "
                           f"was sized by {', '.join(f'{{{name}}}' for name in sorted(used))} for the old length, and "

@@ -46,8 +46,8 @@ PLACEHOLDERS = tuple(field.name for field in dataclasses.fields(RunLength))
 #: The placeholders whose value follows train.epochs or train.max_steps (a resume may change those).
 LENGTH_PLACEHOLDERS = ("epochs", "total_steps")
 
-_PLACEHOLDER = re.compile(r"\{(?P<name>\w*)\}(?:\s*\*\s*(?P<times>\d+))?")
-_BRACED_WORD = re.compile(r"\{\w*\}")
+_PLACEHOLDER = re.compile(r"\{\s*(?P<name>\w*)\s*\}(?:\s*\*\s*(?P<times>\d+))?")
+_BRACED_WORD = re.compile(r"\{\s*\w*\s*\}")
 
 
 def resolve_run_length(args: dict[str, Any], length: RunLength, what: str) -> dict[str, Any]:
@@ -67,6 +67,11 @@ def resolve_run_length(args: dict[str, Any], length: RunLength, what: str) -> di
 
 
 def _resolve(value: Any, length: RunLength, where: str) -> Any:
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value.values())) is None:
+        # `T_max={total_steps}` unquoted on a command line (or in YAML) reads as the mapping {total_steps: null}
+        (name,) = value
+        raise ConfigError(f"{where}: {{{name}}} was read as a mapping, not text: quote it, as in "
+                          f"'{where}=\"{{{name}}}\"' (YAML reads unquoted braces as a mapping)")
     if isinstance(value, dict):
         return {key: _resolve(item, length, f"{where}.{key}") for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -87,7 +92,10 @@ def _resolve(value: Any, length: RunLength, where: str) -> Any:
         remedy = "set train.max_steps or write the number" if name == "total_steps" else "write the number"
         raise ConfigError(f"{where}: {value!r} has no value in this run: the train dataset has no length (an "
                           f"IterableDataset without __len__), so its steps are not known ahead; {remedy} instead")
-    return number * int(match["times"] or 1)
+    times = int(match["times"] or 1)
+    if times < 1:
+        raise ConfigError(f"{where}: {value!r} multiplies by {times}: the factor must be a whole number >= 1")
+    return number * times
 
 
 def placeholders_in(args: Any) -> set[str]:

@@ -112,6 +112,7 @@ class Trainer(TrainerSteps):
         self.callbacks = self._callback_list(with_callbacks(defaults, parts.callbacks + list(callbacks or []), defaults))
         if cfg.checkpoint.keep_best:
             records = [phase.records for phase in self.machine.graph.phases.values()]
+            records += [prefix for callback in self.callbacks for prefix in getattr(callback, "records", ())]
             warn_if_never_logged(cfg.checkpoint.monitor, records, self.metrics)
         self._checkpoints = Checkpoints(self.run_folder.checkpoints, cfg.checkpoint, accelerator,
                                         self.run_folder.best_weights)
@@ -188,6 +189,13 @@ class Trainer(TrainerSteps):
         self._scratch = scratch  # removed with the trainer
         return pathlib.Path(scratch.name) / "run"
 
+    def _scheduler_sized_by(self) -> set[str]:
+        """The run-length placeholders (``epochs``, ``total_steps``) the scheduler was built with: a resume
+        that changes them would leave the restored schedule at its old length."""
+        from phasetrain.schedulers import LENGTH_PLACEHOLDERS, placeholders_in
+        spec = self.config.scheduler
+        return placeholders_in(spec.args) & set(LENGTH_PLACEHOLDERS) if spec is not None else set()
+
     def _callback_list(self, callbacks: list[Callback]) -> CallbackList:
         # The trainer's own callbacks come after the user's, whatever the user's list holds.
         return CallbackList([*callbacks, *self._bookkeeping], self.machine.graph.names)
@@ -205,8 +213,10 @@ class Trainer(TrainerSteps):
         checkpoint are applied where the saved state allows it (named in a warning), refused otherwise.
         """
         if resume is not None and self.run_folder.finished:  # answered without touching the folder
-            say(f"run {self.run_folder.path} is finished ({self.run_folder.final_weights.name} written); "
-                "nothing to resume")
+            from safetensors.torch import load_model
+            load_model(self.accelerator.unwrap_model(self.model), str(self.run_folder.final_weights))
+            say(f"run {self.run_folder.path} is finished: its final weights ({self.run_folder.final_weights.name}) "
+                "are loaded into the model; nothing to resume")
             return self.run_history
         with self.run_folder.locked():  # one process per run folder, for the whole run
             if resume is None:
@@ -230,7 +240,7 @@ class Trainer(TrainerSteps):
         def refuse(path: pathlib.Path, saved: dict[str, Any]) -> None:  # before anything is loaded
             saved_config.update(saved["config"])
             refuse_changes(saved["config"], current, path.name, int(saved["state"]["epoch"]),
-                           int(saved["state"]["optimizer_step"]))
+                           int(saved["state"]["optimizer_step"]), self._scheduler_sized_by())
             missing = [name for name in saved.get("objects", []) if name not in self._objects]
             if missing:  # the config would build something else in their place: another run, silently
                 raise ConfigError(f"checkpoint {path.name} was made with {', '.join(missing)} given as Python "
@@ -363,7 +373,10 @@ class Trainer(TrainerSteps):
                     break
         if state.micro_step:  # an iterable dataset ended inside an accumulation group
             self._update_weights(skip=not self._step_loss_is_finite(state.micro_step))
-        self.log({"train/loss": self._train_loss.epoch_mean(self._sum_over_processes), "train/lr": self._lr()})
+        if state.optimizer_step > state.epoch_start_step:
+            self.log({"train/loss": self._train_loss.epoch_mean(self._sum_over_processes), "train/lr": self._lr()})
+        else:  # stopped before its first step: no loss to report (a 0 would read as a perfect one)
+            self.log({"train/lr": self._lr()})
         self.train_epoch_end()
 
     def _step_loss_is_finite(self, micro_batches: int) -> bool:

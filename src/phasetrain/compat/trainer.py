@@ -48,7 +48,7 @@ from phasetrain.compat.callbacks import (
 )
 from phasetrain.compat.run_config import TrainerRunConfig
 from phasetrain.compat.tracking import InMemoryRunHistory, RunHistory
-from phasetrain.config import RunConfig
+from phasetrain.config import RunConfig, TrainConfig
 from phasetrain.errors import ConfigError
 from phasetrain.phases import Phase
 from phasetrain.trainer import Trainer as CoreTrainer
@@ -246,6 +246,7 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         self.accelerator = Accelerator()  # for device and print before train(); train() makes the run's own
         self._train_dl_kwargs: dict[str, Any] = {}
         self._eval_dl_kwargs: dict[str, Any] = {}
+        self._training = False
         self.callback_handler.call_event("on_init_end", self)
 
     # ---- pytorch-accelerated's names for phasetrain's attributes ---------------------------------------
@@ -311,6 +312,15 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         # and a scheduler counts the steps of the one it was given.
         return replace_trainer_placeholder_values(self, self.create_scheduler_fn)(self.optimizer.optimizer)
 
+    def _scheduler_sized_by(self) -> set[str]:
+        # A create_scheduler_fn sized by NUM_EPOCHS keeps that length in its saved state (see the core's check).
+        function = self.create_scheduler_fn
+        if not isinstance(function, partial):
+            return set()
+        arguments = [*function.args, *function.keywords.values()]
+        placeholders = [a.placeholder if isinstance(a, _Expression) else a for a in arguments]
+        return {"epochs"} if TrainerPlaceholderValues.NUM_EPOCHS in placeholders else set()
+
     def create_run_history(self) -> Any:
         return self._history
 
@@ -369,16 +379,18 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
                  "progress_bar": False, "log_every_steps": 50 if run_dir is not None else 0,
                  "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
                  "sync_batchnorm": any(isinstance(cb, ConvertSyncBatchNormCallback) for cb in self.callback_handler)}
-        steps_per_epoch = self._steps_per_epoch(train) if max_num_train_steps is not None else None
-        if steps_per_epoch is not None:  # pytorch-accelerated: max steps decide the number of epochs
-            train["epochs"] = max(1, math.ceil(max_num_train_steps / steps_per_epoch))  # type: ignore[operator]
-        keep = run_dir is not None
+        keep = run_dir is not None  # a run folder to keep: checkpoints (and the best weights with an eval set)
         config = RunConfig(run_dir=folder, seed=seed, train=train, overwrite=not keep,
-                           checkpoint={"every_epochs": 1 if keep else 0, "keep_best": 1 if keep and eval_dataset is not None else 0})
+                           checkpoint={"every_epochs": 1 if keep else 0,
+                                       "keep_best": 1 if keep and eval_dataset is not None else 0})
+        steps_per_epoch = self._steps_per_epoch(config.train) if config.train.max_steps is not None else None
+        if steps_per_epoch is not None:  # pytorch-accelerated: max steps decide the number of epochs
+            config.train.epochs = max(1, math.ceil(config.train.max_steps / steps_per_epoch))  # type: ignore[operator]
         try:
             self._build(config, train_dataset, eval_dataset)
             self.add_phase(EpochEndPhase(), after="eval_epoch" if eval_dataset is not None else "train_epoch")
             self.run_config = self._run_config(gradient_clip_value)
+            self._training = True
             self.run(resume=resume_from)
         except StopTrainingError as error:  # raised by an override inside an epoch: the walk ended there
             self.print(error)
@@ -386,6 +398,7 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
             self.training_run_end()
             self.callback_handler.call_event("on_training_run_end", self)
         finally:
+            self._training = False
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
 
@@ -394,6 +407,8 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
                  collate_fn: Callable[[list[Any]], Any] | None = None) -> dict[str, float]:
         """One evaluation pass over ``dataset`` with the eval events; its loss is ``evaluation_loss`` in the
         run history. Unlike pytorch-accelerated, the training metrics stay in the history."""
+        if self._training:  # called from a callback or an override during train(): the run's trainer evaluates
+            return CoreTrainer.evaluate(self, dataset if dataset is not None else self.eval_dataset)
         kwargs = self._loader_settings(self.get_default_eval_dl_kwargs(per_device_batch_size), dataloader_kwargs,
                                        "dataloader_kwargs")
         self.eval_dataset, self.collate_fn = dataset, collate_fn
@@ -482,15 +497,14 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         return next((cb.num_batches for cb in self.callback_handler if isinstance(cb, LimitBatchesCallback)),
                     limit_batches_from_env())
 
-    def _steps_per_epoch(self, train: dict[str, Any]) -> int | None:
+    def _steps_per_epoch(self, train: TrainConfig) -> int | None:
         """Optimizer steps per epoch on this process, as the run will count them (None: a dataset without a
         length; the run then stops at num_epochs or max_num_train_steps, whichever comes first)."""
         from accelerate.state import PartialState
 
         from phasetrain.batches import RunData
-        from phasetrain.config import TrainConfig
         state = PartialState()
-        return RunData({"train": self.train_dataset}, TrainConfig(**train), 0, process_index=state.process_index,
+        return RunData({"train": self.train_dataset}, train, 0, process_index=state.process_index,
                        num_processes=state.num_processes).steps_per_epoch
 
     def _placeholder_values(self) -> dict[str, int | None]:
