@@ -269,3 +269,12 @@ def test_an_unquoted_placeholder_is_named_with_the_quotes_it_needs(tmp_path: pat
     assert result.stderr == ("phasetrain: error: scheduler.args.T_max: {total_steps} was read as a mapping, not text: "
                              "quote it, as in 'scheduler.args.T_max=\"{total_steps}\"' (YAML reads unquoted braces as a "
                              "mapping)\n")
+
+
+def test_plan_ends_the_walk_where_max_steps_ends_the_run(tmp_path: pathlib.Path) -> None:
+    from phasetrain.plan import plan_source
+    path = tmp_path / "config.yaml"
+    path.write_text(digits_config(tmp_path / "run", train={"epochs": 3, "max_steps": 25, **FAST}).to_yaml())
+    lines = plan_source(path, []).splitlines()
+    assert lines[2:] == ["  epoch 1 (steps 1-20): train_epoch -> eval_epoch [eval_due]",
+                         "  epoch 2 (steps 21-25): train_epoch -> eval_epoch [eval_due] -> done [finished]"]

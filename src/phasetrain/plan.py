@@ -29,14 +29,16 @@ class PlannedEpoch:
     phases: list[tuple[str, str]] = field(default_factory=list)  # (phase, label of the edge into it)
 
 
-def plan(machine: PhaseMachine, epochs: int, steps_per_epoch: int | None) -> list[PlannedEpoch]:
-    """Walk ``machine`` from setup to done over a simulated run; one entry per epoch (epoch 0 holds setup)."""
-    state = RunState(epochs=epochs)
+def plan(machine: PhaseMachine, epochs: int, steps_per_epoch: int | None,
+         max_steps: int | None = None) -> list[PlannedEpoch]:
+    """Walk ``machine`` from setup to done over a simulated run; one entry per epoch (epoch 0 holds setup).
+    ``max_steps`` (``train.max_steps``) ends the walk in the epoch it is reached in, as in a real run."""
+    state = RunState(epochs=epochs, max_steps=max_steps if steps_per_epoch else None)
     walk = [PlannedEpoch(0, 0, 0)]
 
     def entered(phase: str, edge: Edge | None) -> None:
         if phase == EPOCH:
-            walk.append(PlannedEpoch(state.epoch, state.optimizer_step + 1, state.optimizer_step + (steps_per_epoch or 0)))
+            walk.append(PlannedEpoch(state.epoch, state.optimizer_step + 1, _epoch_end(state, steps_per_epoch)))
         walk[-1].phases.append((phase, edge_label(machine.graph, edge) if edge else ""))
 
     walker = machine.walker(state, entered, lambda phase: None)
@@ -46,11 +48,17 @@ def plan(machine: PhaseMachine, epochs: int, steps_per_epoch: int | None) -> lis
             if state.phase == LAST:
                 return walk
             if state.phase == EPOCH:
-                state.optimizer_step += steps_per_epoch or 0  # what running the epoch does to the counters
+                state.optimizer_step = _epoch_end(state, steps_per_epoch)  # what running the epoch does to the counters
             walker.next_phase()
         raise GraphError("plan: the walk did not reach done")
     finally:
         machine.release(walker)
+
+
+def _epoch_end(state: RunState, steps_per_epoch: int | None) -> int:
+    """The optimizer step the current epoch ends at: its last step, or ``max_steps`` if that comes first."""
+    end = state.epoch_start_step + (steps_per_epoch or 0)
+    return min(end, state.max_steps) if state.max_steps is not None else end
 
 
 def plan_source(source: pathlib.Path, overrides: list[str]) -> str:
@@ -61,7 +69,8 @@ def plan_source(source: pathlib.Path, overrides: list[str]) -> str:
     data = RunData(build_datasets(config), config.train, config.seed) if config.data is not None else None
     machine = PhaseMachine(build_graph(config, has_eval_data=data is None or data.eval is not None))
     steps = data.steps_per_epoch if data is not None else None
-    text = format_plan(plan(machine, config.train.epochs, steps), str(source), config.train.epochs, steps)
+    text = format_plan(plan(machine, config.train.epochs, steps, config.train.max_steps), str(source),
+                       config.train.epochs, steps)
     return text + ("\n" + folder.describe_position() if folder else "")
 
 
