@@ -83,6 +83,7 @@ def test_fast_dev_run_runs_one_batch_of_each_phase_and_writes_nothing(tmp_path: 
     assert (counter.train_batches, counter.eval_batches, trainer.state.epoch) == (1, 1, 1)
     assert "test/loss" in history.get_metric_names()  # the done phase ran too
     assert not (tmp_path / "run").exists()
+    assert not trainer.run_folder.path.parent.exists()  # the throwaway folder is gone with the run
 
 
 def clip_by_value(model: torch.nn.Module, clip: float) -> None:

@@ -264,6 +264,8 @@ MUTANTS = [
     ("compat: evaluate() during train() rebuilds the run", "src/phasetrain/compat/trainer.py",
      "        if self._training:  # called from a callback", "        if False:  # called from a callback",
      "tests/test_compat.py -k during_training"),
+    ("train: fast_dev_run's folder outlives the run", "src/phasetrain/trainer.py",
+     "                self._scratch.cleanup()", "                pass", "tests/test_train_features.py -k fast_dev"),
     ("train: plan ignores max_steps", "src/phasetrain/plan.py",
      "    return min(end, state.max_steps) if state.max_steps is not None else end", "    return end",
      "tests/test_train_features.py -k plan"),

@@ -101,6 +101,7 @@ class Trainer(TrainerSteps):
         self.run_length = self.data.run_length(self.state.epochs, self.state.max_steps)
         self.scheduler = self.create_scheduler()
         self.run_history = self.create_run_history()
+        self._scratch: Any = None
         self.run_folder = RunFolder(self._run_dir(cfg), accelerator.is_main_process)
         self.machine = PhaseMachine(build_graph(cfg, has_eval_data=self.data.eval is not None))
         for phase in self.machine.graph.phases.values():
@@ -185,9 +186,8 @@ class Trainer(TrainerSteps):
             return pathlib.Path(cfg.run_dir)
         # One batch of each phase, written to a throwaway folder: the real run_dir is left as it is.
         import tempfile
-        scratch = tempfile.TemporaryDirectory(prefix="phasetrain-fast-dev-run-")
-        self._scratch = scratch  # removed with the trainer
-        return pathlib.Path(scratch.name) / "run"
+        self._scratch = tempfile.TemporaryDirectory(prefix="phasetrain-fast-dev-run-")  # removed when run() ends
+        return pathlib.Path(self._scratch.name) / "run"
 
     def _scheduler_sized_by(self) -> set[str]:
         """The run-length placeholders (``epochs``, ``total_steps``) the scheduler was built with: a resume
@@ -218,13 +218,17 @@ class Trainer(TrainerSteps):
             say(f"run {self.run_folder.path} is finished: its final weights ({self.run_folder.final_weights.name}) "
                 "are loaded into the model; nothing to resume")
             return self.run_history
-        with self.run_folder.locked():  # one process per run folder, for the whole run
-            if resume is None:
-                self.run_folder.refuse_if_occupied(self.config)  # before the dry run, not after it
-            else:
-                self._resume(resume, from_other_run)
-            with self._signals.installed():
-                self._walk()
+        try:
+            with self.run_folder.locked():  # one process per run folder, for the whole run
+                if resume is None:
+                    self.run_folder.refuse_if_occupied(self.config)  # before the dry run, not after it
+                else:
+                    self._resume(resume, from_other_run)
+                with self._signals.installed():
+                    self._walk()
+        finally:
+            if self._scratch is not None:  # train.fast_dev_run: its throwaway folder goes with the run
+                self._scratch.cleanup()
         return self.run_history
 
     def _resume(self, which: str | os.PathLike[str], from_other_run: bool) -> None:
