@@ -368,28 +368,27 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         eval_kwargs = self._loader_settings(self.get_default_eval_dl_kwargs(per_device_batch_size),
                                             eval_dataloader_kwargs, "eval_dataloader_kwargs")
         self._train_dl_kwargs, self._eval_dl_kwargs = train_kwargs, eval_kwargs
-        scratch = None if run_dir is not None else tempfile.mkdtemp(prefix="phasetrain-compat-")
-        folder = pathlib.Path(run_dir if run_dir is not None else pathlib.Path(scratch or "") / "run")
-        limit = self._batch_limit()
+        keep = run_dir is not None  # a run folder to keep: checkpoints, step records, the best weights
         train = {"epochs": num_epochs, "batch_size": train_kwargs["batch_size"],
                  "eval_batch_size": eval_kwargs["batch_size"], "grad_accum_steps": gradient_accumulation_steps,
                  "max_grad_value": None if gradient_clip_value is None else float(gradient_clip_value),
-                 "max_steps": max_num_train_steps, "limit_batches": limit, "shuffle": bool(train_kwargs["shuffle"]),
+                 "max_steps": max_num_train_steps, "shuffle": bool(train_kwargs["shuffle"]),
                  "drop_last": bool(train_kwargs.get("drop_last", False)), "num_workers": train_kwargs["num_workers"],
-                 "progress_bar": False, "log_every_steps": 50 if run_dir is not None else 0,
-                 "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+                 "log_every_steps": 50 if keep else 0,  # phasetrain's default; nobody reads a throwaway folder's
                  "sync_batchnorm": any(isinstance(cb, ConvertSyncBatchNormCallback) for cb in self.callback_handler)}
-        keep = run_dir is not None  # a run folder to keep: checkpoints (and the best weights with an eval set)
-        config = RunConfig(run_dir=folder, seed=seed, train=train, overwrite=not keep,
-                           checkpoint={"every_epochs": 1 if keep else 0,
-                                       "keep_best": 1 if keep and eval_dataset is not None else 0})
-        steps_per_epoch = self._steps_per_epoch(config.train) if config.train.max_steps is not None else None
-        if steps_per_epoch is not None:  # pytorch-accelerated: max steps decide the number of epochs
-            config.train.epochs = max(1, math.ceil(config.train.max_steps / steps_per_epoch))  # type: ignore[operator]
+        with self._run_folder(run_dir) as folder:
+            config = self._config(folder, seed, train, overwrite=not keep, checkpoint={
+                "every_epochs": 1 if keep else 0, "keep_best": 1 if keep and eval_dataset is not None else 0})
+            steps_per_epoch = self._steps_per_epoch(config.train) if config.train.max_steps is not None else None
+            if steps_per_epoch is not None:  # pytorch-accelerated: max steps decide the number of epochs
+                config.train.epochs = max(1, math.ceil(config.train.max_steps / steps_per_epoch))  # type: ignore[operator]
+            self._run_training(config, gradient_clip_value, resume_from)
+
+    def _run_training(self, config: RunConfig, clip: float | None, resume_from: str | None) -> None:
         try:
-            self._build(config, train_dataset, eval_dataset)
-            self.add_phase(EpochEndPhase(), after="eval_epoch" if eval_dataset is not None else "train_epoch")
-            self.run_config = self._run_config(gradient_clip_value)
+            self._build(config, self.train_dataset, self.eval_dataset)
+            self.add_phase(EpochEndPhase(), after="eval_epoch" if self.eval_dataset is not None else "train_epoch")
+            self.run_config = self._run_config(clip)
             self._training = True
             self.run(resume=resume_from)
         except StopTrainingError as error:  # raised by an override inside an epoch: the walk ended there
@@ -399,8 +398,6 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
             self.callback_handler.call_event("on_training_run_end", self)
         finally:
             self._training = False
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
 
     def evaluate(self, dataset: Any = None, per_device_batch_size: int = 8,
                  dataloader_kwargs: dict[str, Any] | None = None,
@@ -412,13 +409,10 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         kwargs = self._loader_settings(self.get_default_eval_dl_kwargs(per_device_batch_size), dataloader_kwargs,
                                        "dataloader_kwargs")
         self.eval_dataset, self.collate_fn = dataset, collate_fn
-        scratch = tempfile.mkdtemp(prefix="phasetrain-compat-")
-        try:
-            config = RunConfig(run_dir=pathlib.Path(scratch) / "run", seed=42, train={
-                "epochs": 1, "batch_size": kwargs["batch_size"], "num_workers": kwargs["num_workers"],
-                "limit_batches": self._batch_limit(),
-                "progress_bar": False, "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no")},
-                checkpoint={"every_epochs": 0, "keep_best": 0})
+        with self._run_folder(None) as folder:
+            config = self._config(folder, 42, {"epochs": 1, "batch_size": kwargs["batch_size"],
+                                               "num_workers": kwargs["num_workers"]},
+                                  overwrite=True, checkpoint={"every_epochs": 0, "keep_best": 0})
             self._build(config, dataset, dataset)
             self.run_config = self._run_config(None)
             self.evaluation_run_start()
@@ -432,8 +426,6 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
                 self.callback_handler.call_event("on_eval_epoch_end", self, is_intermediate=False)
             self.evaluation_run_end()
             self.callback_handler.call_event("on_evaluation_run_end", self)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
         return results
 
     def create_train_dataloader(self, batch_size: int, train_dl_kwargs: dict[str, Any] | None = None) -> Any:
@@ -491,6 +483,27 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
         CoreTrainer.__init__(self, config, model=model, loss_fn=self.loss_fn, optimizer=optimizer,
                              train_data=train_dataset, eval_data=eval_dataset, callbacks=[EventBridge(self)],
                              collate_fn=self.collate_fn)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _run_folder(run_dir: str | os.PathLike[str] | None) -> Iterator[pathlib.Path]:
+        """``run_dir``, or a throwaway folder removed afterwards: pytorch-accelerated leaves no files behind."""
+        if run_dir is not None:
+            yield pathlib.Path(run_dir)
+            return
+        scratch = tempfile.mkdtemp(prefix="phasetrain-compat-")
+        try:
+            yield pathlib.Path(scratch) / "run"
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _config(self, folder: pathlib.Path, seed: int, train: dict[str, Any], overwrite: bool,
+                checkpoint: dict[str, Any]) -> RunConfig:
+        """The run's config; what both train() and evaluate() take from the callbacks and the launcher."""
+        return RunConfig(run_dir=folder, seed=seed, overwrite=overwrite, checkpoint=checkpoint, train={
+                             **train, "progress_bar": False, "limit_batches": self._batch_limit(),
+                             # `accelerate launch --mixed_precision` says it through the environment
+                             "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no")})
 
     def _batch_limit(self) -> int | None:
         """LimitBatchesCallback's number, or pytorch-accelerated's PT_ACC_LIMIT_BATCHES."""
