@@ -47,7 +47,10 @@ def test_two_processes_train_and_gather_each_sample_exactly_once(tmp_path: pathl
 
 def test_two_process_mid_epoch_resume_is_bitwise_exact(tmp_path: pathlib.Path) -> None:
     assert two_processes(str(tmp_path / "a"), "resume-test", "-1").returncode == 0  # never crashes
-    assert two_processes(str(tmp_path / "b"), "resume-test", "14").returncode != 0  # after the step-12 checkpoint
+    crashed = two_processes(str(tmp_path / "b"), "resume-test", "14")  # after the step-12 checkpoint
+    assert crashed.returncode != 0
+    # It crashed where it was told to, not earlier (a launch that failed would make the resume start afresh).
+    assert (tmp_path / "b" / "run" / "checkpoints" / "epoch002-step0000012-train_epoch").is_dir(), crashed.stderr[-3000:]
     result = two_processes(str(tmp_path / "b"), "resume-test", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     # 10 steps an epoch per process; checkpoints every 4 steps: the crash at 14 resumes from step 12.
