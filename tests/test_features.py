@@ -1,7 +1,6 @@
 """EMA of the weights, freezing by name pattern, best.safetensors and SyncBatchNorm: real training on digits."""
 from __future__ import annotations
 
-import json
 import pathlib
 
 import pytest
@@ -10,8 +9,7 @@ from safetensors.torch import load_file, load_model
 
 from examples.digits import make_model
 from phasetrain import EMA, Callback, ConfigError, Freeze, RunConfig, Trainer
-from tests.conftest import ResumePoint, digits_config, two_processes
-from tests.test_schedulers import expected_run_lrs
+from tests.conftest import ResumePoint, digits_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {"args": {"hidden": 16}}  # the digits MLP at its smallest useful size: these runs take ~0.1 s each
@@ -229,29 +227,6 @@ def test_best_safetensors_holds_the_weights_of_the_best_epoch_not_the_last(tmp_p
 
 
 # ---- SyncBatchNorm, and what two processes refuse ------------------------------------------------------
-@pytest.mark.slow
-def test_two_cpu_processes_refuse_freezing_and_sync_batchnorm_and_step_schedules_over_their_shared_total(
-        tmp_path: pathlib.Path) -> None:
-    result = two_processes("tests.features_job", str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    for rank in range(2):
-        seen = json.loads((tmp_path / f"refusals-{rank}.json").read_text())
-        assert seen["freeze"].startswith("ConfigError: phase 'freeze' (Freeze) changes which parameters train"), seen
-        assert "DistributedDataParallel" in seen["freeze"]
-        # torch's SyncBatchNorm trains on GPUs only: on CPU processes the refusal shows the flag reached the model.
-        assert "SyncBatchNorm" in seen["sync_batchnorm"] and "GPU" in seen["sync_batchnorm"], seen
-        assert seen["run_dirs"] == []
-    # Each process holds half the samples: ceil(630 / 32) = 20 updates, or 10 with two micro-batches each.
-    for grad_accum_steps, steps in [(1, 20), (2, 10)]:
-        for rank in (0, 1):
-            lrs = json.loads((tmp_path / f"lrs-accum{grad_accum_steps}-rank{rank}.json").read_text())
-            assert lrs == pytest.approx(expected_run_lrs(steps), rel=1e-12), (grad_accum_steps, rank)
-    # phasetrain.compat: 20 batches per process, 2 per update: 10 updates an epoch, 20 in 2 epochs, on each.
-    runs = [json.loads((tmp_path / f"compat-{rank}.json").read_text()) for rank in (0, 1)]
-    assert runs[0] == runs[1]  # the same schedule and the same (reduced) losses on both
-    assert (runs[0]["total_steps"], runs[0]["stepped"], runs[0]["updates_per_epoch"]) == (20, 20, 10)
-
-
 def test_sync_batchnorm_leaves_the_model_of_one_process_as_it_is(tmp_path: pathlib.Path) -> None:
     from tests.features_job import batchnorm_model
     model = batchnorm_model()

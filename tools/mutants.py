@@ -160,9 +160,9 @@ MUTANTS = [
      "        if best and best[0] == newest:", "        if not best or best[0] == newest:", "tests/test_features.py -k best"),
     ("feature: sync_batchnorm ignored", "src/phasetrain/trainer.py",
      "        if cfg.train.sync_batchnorm and accelerator.num_processes > 1:", "        if False:",
-     "tests/test_features.py -k refuse"),
+     "tests/test_distributed.py -k refuse"),
     ("feature: freeze accepted with several processes", "src/phasetrain/finetuning.py",
-     "        if trainer.accelerator.num_processes > 1:", "        if False:", "tests/test_features.py -k refuse"),
+     "        if trainer.accelerator.num_processes > 1:", "        if False:", "tests/test_distributed.py -k refuse"),
     # ---- issue 9: training features and the pytorch-accelerated layer ----
     ("train: max_steps does not end the epoch", "src/phasetrain/trainer.py",
      "                if state.stop_requested or state.reached_max_steps:\n                    break",
