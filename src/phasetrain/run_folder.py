@@ -103,9 +103,11 @@ class RunFolder:
 
     def refuse_if_occupied(self, config: RunConfig) -> None:
         """Refuse a folder that cannot take a new run: a file, or one holding a run (unless overwriting).
-        Cheap, so the command line calls it before building anything."""
+        Cheap, so the command line calls it before building anything. The main process decides: it owns
+        the folder, and another process of the same run would otherwise see the folder the main one has
+        just claimed (a race that failed a two-process test about one launch in five)."""
         self._refuse_a_file()
-        if self.holds_run() and not (config.overwrite or self.restarting):
+        if self.is_main_process and self.holds_run() and not (config.overwrite or self.restarting):
             raise RunDirError(self._occupied_message())
 
     def _refuse_a_file(self) -> None:
