@@ -29,13 +29,29 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def two_processes(module: str, *args: str, cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """``python -m MODULE ARGS`` on two CPU processes under torchrun (gloo). ``--standalone`` takes a free
-    port: with the suite on two workers, two launches may run at once and would race for torchrun's
-    default port."""
-    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    """``python -m MODULE ARGS`` on two CPU processes under torchrun (gloo), with no other setting: phasetrain
+    must find the launch itself. ``--standalone`` takes a free port: with the suite on two workers, two
+    launches may run at once and would race for torchrun's default port."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", module, *args], check=False, capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+                           "-m", module, *args], check=False, capture_output=True, text=True, cwd=cwd,
+                          env=subprocess_env(OMP_NUM_THREADS="1"), timeout=300)
+
+
+def two_nodes(module: str, *args: str) -> list[subprocess.CompletedProcess[str]]:
+    """``python -m MODULE ARGS`` as two "machines" of one process each: two torchrun launches
+    (``--nnodes 2 --node_rank 0/1``) meeting at a c10d rendezvous on 127.0.0.1, as on a cluster."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node",
+         "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test-{port}",
+         "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=subprocess_env(OMP_NUM_THREADS="1")) for node in (0, 1)]
+    outputs = [launch.communicate(timeout=300) for launch in launches]
+    return [subprocess.CompletedProcess(launch.args, launch.returncode, out, err)
+            for launch, (out, err) in zip(launches, outputs, strict=True)]
 
 
 #: Where pytorch-accelerated is installed for the comparison tests (README: pip install --target .reference ...).

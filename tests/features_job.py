@@ -1,16 +1,14 @@
-"""Two-process runs for tests/test_features.py, under torchrun (one launch: each costs ~8 s here):
+"""Two-process checks of the training features, run by tests/distributed_job.py in its one launch.
 
-    torchrun --nproc_per_node 2 -m tests.features_job OUT
-
-writes OUT/refusals-RANK.json (what two CPU processes refuse before any training),
-OUT/lrs-accum{1,2}-rankRANK.json (the lr after every optimizer step of a warmup_cosine run) and
-OUT/compat-RANK.json (a phasetrain.compat run whose OneCycleLR is sized by the placeholders).
+``run_all(OUT)`` writes OUT/refusals-RANK.json (what two CPU processes refuse before any training),
+OUT/lrs-accum{1,2}-rankRANK.json (the lr after every optimizer step of a warmup_cosine run),
+OUT/compat-RANK.json (a phasetrain.compat run whose OneCycleLR is sized by the placeholders) and
+OUT/fast-RANK.json (a train.fast_dev_run on both processes).
 """
 from __future__ import annotations
 
 import json
 import pathlib
-import sys
 from typing import Any
 
 import torch
@@ -34,13 +32,12 @@ def refusal(out: pathlib.Path, **build: Any) -> str | None:
     return None
 
 
-def main() -> None:
-    """One launch for both checks (a torchrun launch costs ~8 s here). Freeze: DDP fixes the trained
+def run_all(out: pathlib.Path) -> None:
+    """Every check, into ``out`` (tests/distributed_job.py runs it in its launch). Freeze: DDP fixes the trained
     parameters when it wraps the model. train.sync_batchnorm: torch's SyncBatchNorm trains on GPUs only,
     so on the CPU the refusal is how the flag shows it reached the model."""
     import torch.distributed as dist
-    torch.set_num_threads(1)
-    out = pathlib.Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
     seen = {
         "freeze": refusal(out / "freeze", phases=[{"target": "phasetrain.finetuning:Freeze",
                                                    "args": {"patterns": ["0.*"]}, "after": "setup"}]),
@@ -52,7 +49,10 @@ def main() -> None:
         _, recorder = warmup_cosine_run(out / f"run-accum{grad_accum_steps}", grad_accum_steps)
         (out / f"lrs-accum{grad_accum_steps}-rank{dist.get_rank()}.json").write_text(json.dumps(recorder.lrs))
     (out / f"compat-{dist.get_rank()}.json").write_text(json.dumps(compat_run()))
-    dist.destroy_process_group()
+    fast = Trainer(digits_config(out / "fast", train={"fast_dev_run": True}, checkpoint={"every_epochs": 1}))
+    fast.run()  # every process writes its part of the checkpoint into the one throwaway folder
+    (out / f"fast-{dist.get_rank()}.json").write_text(json.dumps(
+        {"run_dir": str(fast.run_folder.path), "steps": fast.state.optimizer_step, "left": fast.run_folder.path.exists()}))
 
 
 def compat_run() -> dict[str, Any]:
@@ -77,6 +77,3 @@ def compat_run() -> dict[str, Any]:
             "updates_per_epoch": trainer.run_config.num_update_steps_per_epoch,
             "eval_loss": trainer.run_history.get_metric_values("eval_loss_epoch")}
 
-
-if __name__ == "__main__":
-    main()

@@ -9,24 +9,72 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from phasetrain.errors import ConfigError
+from phasetrain.errors import ConfigError, LaunchError
+from phasetrain.launch import check_srun_without_launcher, launched_processes
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
-    """An Accelerator with this run's precision, also when an earlier trainer in this process used another.
+    """An Accelerator with this run's precision, for the processes the launcher started.
 
     accelerate keeps one process-wide state and refuses a second precision. In a single process nothing
     else depends on that state, so it is reset; in a distributed run the launch decides and it is kept.
     """
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
+    check_srun_without_launcher()
+    launched = launched_processes()  # before accelerate: with MPI it writes WORLD_SIZE itself
     shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+    if shared and shared.get("_mixed_precision") != mixed_precision and process_state().num_processes == 1:
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_cpu_launch())
+    check_launch(launched, accelerator.num_processes, str(accelerator.distributed_type))
+    refuse_sharding(accelerator.distributed_type)
     if mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision: 'fp16' needs a GPU (on the CPU it would silently do nothing); "
                           "use 'bf16' or 'no'")
     return accelerator
+
+
+def process_state() -> Any:
+    """accelerate's ``PartialState`` (rank, process count, barriers) as this launch needs it: the first
+    call in a process decides it for every later one, so phasetrain never asks for it any other way."""
+    from accelerate.state import PartialState
+    return PartialState(cpu=_cpu_launch())
+
+
+def _cpu_launch() -> bool:
+    """Whether this process belongs to a multi-process launch on a machine without an accelerator (GPU).
+
+    accelerate takes such a process for a single one unless told ``cpu=True`` (or ACCELERATE_USE_CPU):
+    under ``torchrun --nproc_per_node 2`` on a CPU machine every process would then train alone and all
+    would write the same run folder. Told, it joins them with gloo.
+    """
+    return launched_processes() > 1 and torch.accelerator.current_accelerator() is None
+
+
+def check_launch(launched: int, seen: int, distributed_type: str) -> None:
+    """Refuse a process that the launcher started as one of ``launched`` but accelerate counts as one of ``seen``:
+    it would train on its own and write over the others' run folder."""
+    if launched > 1 and seen != launched:
+        raise LaunchError(
+            f"this process was launched as one of {launched} (WORLD_SIZE={launched}), but accelerate sees "
+            f"{seen} process{'es' if seen != 1 else ''} ({distributed_type}); it would train alone and share the "
+            "run folder with the others. Launch with 'torchrun --nproc_per_node N', 'phasetrain run CONFIG "
+            "--num-processes N' or 'accelerate launch --multi_gpu', and unset ACCELERATE_* variables left from "
+            "another setup (see docs/distributed.md)")
+
+
+#: Launches in which each process holds a shard of the model or optimizer state, not all of it.
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+
+
+def refuse_sharding(distributed_type: DistributedType) -> None:
+    """Refuse FSDP, DeepSpeed and Megatron-LM launches: phasetrain's checkpoints and final weights hold what the
+    main process holds, which under those is one shard (see docs/distributed.md, "Sharded models")."""
+    if distributed_type in SHARDED:
+        raise LaunchError(f"this launch shards the model across processes ({distributed_type.value}), and "
+                          "phasetrain's checkpoints would hold one shard only: launch without FSDP/DeepSpeed "
+                          "(plain data parallelism: 'accelerate launch --multi_gpu' or torchrun), or see "
+                          "docs/distributed.md")
 
 
 def direct_steps(accelerator: Accelerator) -> bool:

@@ -88,8 +88,23 @@ class RunData:
                          eval_batch_size=cfg.resolved_eval_batch_size, num_processes=self._world_size,
                          grad_accum_steps=cfg.grad_accum_steps)
 
-    def train_batches(self, epoch: int, skip: int = 0) -> Iterable[Any]:
-        """This process's batches of ``epoch``, from batch ``skip`` on (skipped by index: nothing is loaded)."""
+    def epoch_accumulation(self, start: int = 0) -> Accumulation:
+        """The micro-batches of an epoch whose first ``start`` samples were consumed by a run with another
+        process count (see ``consumed_samples``), grouped into optimizer steps."""
+        if not start:
+            return self.accumulation
+        cfg = self._cfg
+        return Accumulation(self._count(self.train, cfg.batch_size, pad=True, drop_last=cfg.drop_last, start=start),
+                            cfg.grad_accum_steps)
+
+    def consumed_samples(self, start: int, batches: int, num_processes: int) -> int:
+        """Samples of an epoch's order consumed once ``num_processes`` processes have each taken ``batches``
+        train batches from sample ``start`` on: where a resume with another process count re-shards from."""
+        return min(len(self.train), start + batches * self._cfg.batch_size * num_processes)
+
+    def train_batches(self, epoch: int, skip: int = 0, start: int = 0) -> Iterable[Any]:
+        """This process's batches of ``epoch``, from batch ``skip`` on (skipped by index: nothing is loaded);
+        ``start``: the samples of the epoch's order consumed before a resume with another process count."""
         cfg = self._cfg
         if isinstance(self.train, IterableDataset):
             loader = DataLoader(self.train, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
@@ -100,7 +115,7 @@ class RunData:
             batches = itertools.islice(loader, skip, self._limit) if skip or self._limit else loader
             return named_errors(batches, self._label(self.train))
         sampler = self._sampler(self.train, cfg.batch_size, shuffle=cfg.shuffle, drop_last=cfg.drop_last, pad=True,
-                                epoch=epoch, skip=skip)
+                                epoch=epoch, skip=skip, start=start)
         return make_loader(self.train, sampler, num_workers=cfg.num_workers, pin_memory=self._device is not None,
                            seed=epoch_seed(self._seed, epoch), label=self._label(self.train), collate_fn=self.collate_fn)
 
@@ -140,14 +155,14 @@ class RunData:
         return f"{split + ' ' if split else ''}dataset ({type(dataset).__name__})"
 
     def _sampler(self, dataset: Any, batch_size: int, *, shuffle: bool, drop_last: bool, pad: bool, epoch: int,
-                 skip: int = 0) -> EpochBatchSampler:
+                 skip: int = 0, start: int = 0) -> EpochBatchSampler:
         return EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=self._seed,
                                  epoch=epoch, pad=pad, skip=skip, rank=self._rank, world_size=self._world_size,
-                                 limit=self._limit)
+                                 limit=self._limit, start=start)
 
-    def _count(self, dataset: Any, batch_size: int, *, pad: bool, drop_last: bool) -> int | None:
+    def _count(self, dataset: Any, batch_size: int, *, pad: bool, drop_last: bool, start: int = 0) -> int | None:
         try:
-            size = len(dataset)
+            size = len(dataset) - start
         except TypeError:  # an iterable dataset without a length
             return None
         if isinstance(dataset, IterableDataset):  # its own sharding: each process reads what it yields

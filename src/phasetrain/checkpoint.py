@@ -4,7 +4,8 @@
 ``<name>.safetensors``, the ``state_dict()`` of everything else into ``state.pt`` under its name, and
 None is skipped.
 ``per_process`` objects (RNG streams, a process's running loss) are written by every process into
-``process-<rank>.pt``. ``state.json`` holds the ``RunState``, the format and phasetrain versions, which
+``process-<rank>.pt``; resumed by another number of processes, an object with ``merged_state_dict(states,
+rank)`` is loaded from all of them merged, the others start afresh. ``state.json`` holds the ``RunState``, the format and phasetrain versions, which
 parameters require grad, and the caller's metadata (config, monitored value). A checkpoint folder
 ``RUN_DIR/checkpoints/epoch003-step0000120-checkpoint/`` is named by epoch, optimizer step and phase.
 With ``keep_best``, a new best checkpoint's model weights are also copied to ``RUN_DIR/best.safetensors``.
@@ -253,10 +254,9 @@ class Checkpoints:
         # Every process decodes every process file (a few kB of RNG state each), so that all of them find
         # the same checkpoint corrupt and fall back together.
         processes = [_load(path / f"process-{rank}.pt") for rank in range(saved["processes"])]
-        own = saved["processes"] == self.process.num_processes
         return _Contents(saved, state, _load(path / "state.pt"),
                          {name: _load_weights(path / f"{name}.safetensors") for name in saved["requires_grad"]},
-                         processes[self.process.process_index] if own else None)
+                         processes)
 
     def _apply(self, path: pathlib.Path, contents: _Contents, to_load: Mapping[str, Any],
                per_process: Mapping[str, Any]) -> RunState:
@@ -270,13 +270,20 @@ class Checkpoints:
         for name, obj in to_load.items():
             if obj is not None and name not in modules and name in contents.states:
                 obj.load_state_dict(contents.states[name])
-        if contents.process is None:
-            warnings.warn(f"resume is not exact: checkpoint was written by {contents.saved['processes']} processes, "
-                          f"this run has {self.process.num_processes}; data shards and RNG streams differ",
-                          stacklevel=3)
-        else:
+        if len(contents.processes) == self.process.num_processes:
             for name, obj in per_process.items():
-                obj.load_state_dict(contents.process[name])
+                obj.load_state_dict(contents.processes[self.process.process_index][name])
+            return contents.state
+        # Another process count: what can be merged is (a running loss: its sums); the rest starts afresh.
+        for name, obj in per_process.items():
+            merge = getattr(obj, "merged_state_dict", None)
+            if merge is not None:
+                obj.load_state_dict(merge([states[name] for states in contents.processes], self.process.process_index))
+        if self.process.is_main_process:
+            warnings.warn(f"resume is not bitwise exact: checkpoint was written by {len(contents.processes)} "
+                          f"process(es), this run has {self.process.num_processes}; the rest of the epoch is "
+                          "re-sharded from the saved position, and each process's RNG streams start afresh",
+                          stacklevel=3)
         return contents.state
 
 
@@ -288,7 +295,7 @@ class _Contents:
     state: RunState
     states: dict[str, Any]  # state.pt: state dicts by name
     weights: dict[str, dict[str, torch.Tensor]]  # by module name
-    process: dict[str, Any] | None  # this process's file; None when written by another number of processes
+    processes: list[dict[str, Any]]  # every process's file, by rank
 
 
 def intact(path: pathlib.Path) -> dict[str, Any]:

@@ -16,12 +16,14 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from phasetrain.errors import PhasetrainError
+from phasetrain.launch import LOST_PROCESS_EXIT, is_main_process, launched_processes, which_process
 
 if TYPE_CHECKING:
     from phasetrain.signals import RunInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan}
     with warnings.catch_warnings(), _signals_caught_early(args.command in ("run", "resume")):
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return commands_by_name[args.command](args)
         except PhasetrainError as exc:
-            print(f"phasetrain: error: {exc}", file=sys.stderr)
+            print(f"phasetrain: error: {which_process()}{exc}", file=sys.stderr)
             return 2
         except OSError as exc:
             if exc.errno not in _PATH_ERRORS:
@@ -37,8 +39,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"phasetrain: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
             return 2
         except _interrupted() as exc:
-            print(f"phasetrain: {exc}", file=sys.stderr)
+            if is_main_process():  # every process saved its part of the one checkpoint: one line says so
+                print(f"phasetrain: {exc}", file=sys.stderr)
             return exc.exit_code
+        except RuntimeError as exc:
+            lost = _lost_process(exc)
+            if lost is None:
+                raise
+            print(f"phasetrain: error: {which_process()}{lost}", file=sys.stderr)
+            return LOST_PROCESS_EXIT
         except KeyboardInterrupt:  # Ctrl-C before the run's own handler is installed (or a second one)
             print("phasetrain: interrupted (SIGINT) before a checkpoint could be written; whatever was saved "
                   "before is intact", file=sys.stderr)
@@ -53,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                               description="Train from a config file; key=value overrides use dotted keys.")
     run.add_argument("config", type=pathlib.Path, help="YAML or JSON run config")
     run.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.epochs=3 run_dir=runs/x")
+    _add_num_processes(run)
     resume = commands.add_parser("resume", help="continue an interrupted run from its folder",
                                  description="Continue a run from its latest intact checkpoint (or --checkpoint).")
     resume.add_argument("run_dir", type=pathlib.Path, help="the run folder (holds config.yaml and checkpoints/)")
@@ -63,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="config changes; applied where the checkpoint allows (e.g. train.epochs=12), "
                              "refused otherwise")
+    _add_num_processes(resume)
     graph = commands.add_parser("graph", help="draw the phase graph of a config or a run folder",
                                 description="Draw the phase graph. For a run folder, the phase the run is in "
                                             "or stopped in is highlighted.")
@@ -79,17 +90,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_num_processes(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--num-processes", type=int, metavar="N", default=None,
+                         help="train on N local processes, started by torch's elastic launcher (torchrun): one per "
+                              "GPU, or N CPU processes (gloo) on a machine without GPUs; see docs/distributed.md")
+
+
+def _launch_instead(args: argparse.Namespace, run_dir: Any) -> int | None:
+    """With ``--num-processes N`` (N > 1, outside a launch): run this very command on N processes through
+    torch's launcher, after the checks that need no process (the config, the run folder) passed here once.
+    Each process gets the same arguments; ``--num-processes N`` inside a launch of N is accepted."""
+    from phasetrain import launch
+    if args.num_processes is None:
+        return None
+    launch.check_process_count(args.num_processes)
+    if "WORLD_SIZE" in os.environ or args.num_processes == 1:
+        return None
+    return launch.launch(args.num_processes, sys.argv[1:], run_dir)
+
+
 def _run(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
+    from phasetrain.launch import check_srun_without_launcher
     from phasetrain.run_folder import RunFolder
+    check_srun_without_launcher()
     ensure_importable_cwd()
     config = RunConfig.from_file(args.config, overrides=args.overrides)
-    if config.train.fast_dev_run:  # it writes to a throwaway folder: run_dir is neither checked nor locked
-        _train(config, resume=None)
-        return 0
-    folder = RunFolder(config.run_dir, _is_main_process())
-    folder.refuse_if_occupied(config)  # in a blink, before the model, the data and the dry run are built
-    with folder.locked():
+    folder = RunFolder(config.run_dir, is_main_process())
+    if not config.train.fast_dev_run:  # it writes to a throwaway folder: run_dir is neither checked nor locked
+        folder.refuse_if_occupied(config)  # in a blink, before the model, the data and the dry run are built
+    launched = _launch_instead(args, config.run_dir)
+    if launched is not None:
+        return launched
+    with nullcontext() if config.train.fast_dev_run else folder.locked():
         _train(config, resume=None)
     return 0
 
@@ -97,7 +130,9 @@ def _run(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
     from phasetrain.errors import RunDirError
+    from phasetrain.launch import check_srun_without_launcher
     from phasetrain.run_folder import RunFolder
+    check_srun_without_launcher()
     ensure_importable_cwd()
     folder = RunFolder(args.run_dir)
     if not folder.config_file.is_file():
@@ -117,7 +152,10 @@ def _resume(args: argparse.Namespace) -> int:
         raise RunDirError(f"{args.run_dir} was trained from Python objects (its config.yaml names no "
                           f"{' and no '.join(missing)}), so the command line cannot rebuild it; resume it from "
                           "Python with the same objects: Trainer(config, model=..., ...).run(resume='latest')")
-    with RunFolder(args.run_dir, _is_main_process()).locked():
+    launched = _launch_instead(args, args.run_dir)
+    if launched is not None:
+        return launched
+    with RunFolder(args.run_dir, is_main_process()).locked():
         _train(config, resume=args.checkpoint, from_other_run=args.from_other_run)
     return 0
 
@@ -187,9 +225,19 @@ def _signals_caught_early(training: bool) -> AbstractContextManager[None]:
     return caught_early() if training else nullcontext()
 
 
-def _is_main_process() -> bool:
-    # Before accelerate is imported: a launcher (torchrun, accelerate launch) sets RANK for each process.
-    return os.environ.get("RANK", "0") == "0"
+def _lost_process(error: RuntimeError) -> str | None:
+    """One line for a collective that failed because another process of the run died (that process's own
+    error, or the launcher, says why); None for any other error, which keeps its traceback."""
+    import torch.distributed as dist
+    if launched_processes() == 1:
+        return None
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    peer_gone = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    if not isinstance(error, dist.DistNetworkError) and not any(text in first_line for text in peer_gone):
+        return None
+    # gloo's message: "[.../pair.cc:537] Read error [127.0.0.1]:54961: Connection reset by peer. This is ..."
+    what = first_line.split("] ", 1)[-1].split(". ")[0]
+    return f"another process of the run stopped answering ({what}); its own error, or the launcher, says why"
 
 
 #: Write errors that are about the machine, not a bug: one line naming the run folder, exit 2.

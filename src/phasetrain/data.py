@@ -51,16 +51,20 @@ class EpochBatchSampler:
     The permutation is computed eagerly from its own generator, never the global RNG. With several
     processes, ``pad=True`` (training) repeats the first indices so every process gets the same
     number of batches (DDP needs that); ``pad=False`` (evaluation) shards without duplicates.
-    ``limit`` keeps the first batches only (``train.limit_batches``).
+    ``limit`` keeps the first batches only (``train.limit_batches``). ``start`` drops the epoch's first
+    samples before sharding: those a run with another process count consumed before a resume (the
+    processes shard by interleaving, so after ``b`` batches of ``B`` on ``W`` processes the order's first
+    ``b * B * W`` samples are consumed, whatever the rank).
     """
 
     def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
                  epoch: int, rank: int = 0, world_size: int = 1, pad: bool = True, skip: int = 0,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, start: int = 0) -> None:
         order = list(range(size))
         if shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
             order = torch.randperm(size, generator=generator).tolist()
+        order, size = order[start:], size - start
         if world_size > 1:
             if pad and size % world_size:
                 order += order[: world_size - size % world_size]

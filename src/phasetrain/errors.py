@@ -45,3 +45,7 @@ class GraphError(PhasetrainError, ValueError):
 
 class NonFiniteLossError(PhasetrainError, FloatingPointError):
     """A training loss was NaN or infinite; the run stopped before the weights were updated."""
+
+
+class LaunchError(PhasetrainError):
+    """The processes of a distributed launch do not agree with what accelerate sees, or a launch failed."""

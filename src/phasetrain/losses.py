@@ -114,6 +114,14 @@ class TrainLoss:
         self._reset(float(state["sum"]), int(state["samples"]))
         self._read_sum, self._read_samples = float(state["read_sum"]), int(state["read_samples"])
 
+    def merged_state_dict(self, states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+        """The state for process ``rank`` of a run resumed with another process count from ``states`` (one per
+        process that saved): the first process carries every process's sums, so the epoch's mean, summed over
+        processes, still covers the whole epoch; the others start from zero."""
+        total = sum(float(s["sum"]) for s in states) if rank == 0 else 0.0
+        samples = sum(int(s["samples"]) for s in states) if rank == 0 else 0
+        return {"epoch": states[0]["epoch"], "sum": total, "samples": samples, "read_sum": total, "read_samples": samples}
+
     def _reset(self, total: float, samples: int) -> None:
         self._sum = LossSum(total, self._device)
         self.samples = samples

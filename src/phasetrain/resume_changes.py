@@ -116,3 +116,17 @@ def _show(keys: list[str], saved: dict[str, Any], current: dict[str, Any]) -> st
         got = _get(config, key)
         return "(not set)" if got is None else repr(got)
     return ", ".join(f"{key} {value(saved, key)} -> {value(current, key)}" for key in keys)
+
+
+def refuse_other_process_count(checkpoint: str, saved_processes: int, processes: int, scheduler_args: Any) -> None:
+    """A checkpoint of another process count resumes (re-sharded, not bitwise), unless the scheduler's args
+    hold a placeholder that the process count changes: its restored state would keep the old values."""
+    from phasetrain.schedulers import PROCESS_PLACEHOLDERS, placeholders_in
+    used = sorted(placeholders_in(scheduler_args) & set(PROCESS_PLACEHOLDERS)) if scheduler_args else []
+    if saved_processes != processes and used:
+        braced = ", ".join(f"{{{name}}}" for name in used)
+        raise ConfigError(
+            f"checkpoint {checkpoint} was written by {saved_processes} process(es) and this run has {processes}: "
+            f"the scheduler's args use {braced}, which the process count changes, and its restored state keeps "
+            f"the old values; resume with {saved_processes} process(es), or give the scheduler fixed numbers "
+            "from the start")

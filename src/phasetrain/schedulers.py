@@ -46,6 +46,9 @@ PLACEHOLDERS = tuple(field.name for field in dataclasses.fields(RunLength))
 #: The placeholders whose value follows train.epochs or train.max_steps (a resume may change those).
 LENGTH_PLACEHOLDERS = ("epochs", "total_steps")
 
+#: The placeholders whose value follows the number of processes (a resume may change that).
+PROCESS_PLACEHOLDERS = ("steps_per_epoch", "total_steps", "num_processes")
+
 _PLACEHOLDER = re.compile(r"\{\s*(?P<name>\w*)\s*\}(?:\s*\*\s*(?P<times>\d+))?")
 _BRACED_WORD = re.compile(r"\{\s*\w*\s*\}")
 

@@ -1,15 +1,16 @@
 """Stop signals: SIGTERM/SIGINT set a flag; the run checkpoints at the next optimizer step or phase
-boundary and stops with ``RunInterrupted``. With several processes they agree first, so all stop together."""
+boundary and stops with ``RunInterrupted``. With several processes they agree first, so all stop together,
+and a stop one process requests (``Trainer.request_stop``, an early stop) becomes every process's."""
 from __future__ import annotations
 
 import pathlib
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-#: optimizer steps between signal agreements in multi-process runs (a collective, so not every step)
-AGREE_EVERY = 16
+if TYPE_CHECKING:
+    from phasetrain.state import RunState
 
 #: Stop signals that arrived before a run installed its handler (see ``catch_early``).
 _EARLY: list[int] = []
@@ -35,47 +36,79 @@ def caught_early() -> Iterator[None]:
         _EARLY.clear()
 
 
+def early_signal(restore_defaults: bool = False) -> int | None:
+    """The stop signal ``caught_early`` remembered, if one came; ``restore_defaults`` gives SIGTERM and SIGINT
+    back their usual handling (for a process that hands its stop signals on, such as a launcher)."""
+    received = _EARLY[0] if _EARLY else None
+    if restore_defaults:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return received
+
+
 class RunInterrupted(Exception):
     """Raised after a SIGTERM/SIGINT: the current optimizer step finished and a checkpoint was written.
     ``exit_code`` is the shell's convention for the signal: 130 for SIGINT, 143 for SIGTERM."""
 
-    def __init__(self, signum: int, checkpoint: pathlib.Path, run_dir: pathlib.Path, from_python: bool = False) -> None:
+    def __init__(self, signum: int, checkpoint: pathlib.Path, run_dir: pathlib.Path, from_python: bool = False,
+                 processes: int = 1) -> None:
+        from phasetrain.launch import resume_command
         self.checkpoint = checkpoint
         self.exit_code = 128 + signum
         how = ("resume it from Python with the same objects: Trainer(config, model=..., ...).run(resume='latest') "
                "(its config.yaml does not name them all, so 'phasetrain resume' cannot rebuild it)" if from_python
-               else f"resume with 'phasetrain resume {run_dir}'")
+               else f"resume with {resume_command(run_dir, processes)}")
         super().__init__(f"{signal.Signals(signum).name} received: saved {checkpoint}; {how}")
 
 
 class StopSignals:
-    """The SIGTERM/SIGINT flag of this process, and the agreement of all processes on it.
+    """The SIGTERM/SIGINT flag of this process, and the agreement of all processes on stopping.
 
     ``accelerator`` gives ``num_processes``, ``device`` and ``reduce`` (one tiny all-reduce per agreement).
+    After ``agree``, ``signal_pending`` says whether a stop signal reached any process, and ``stop_agreed``
+    whether the run stops (``state.stop_requested`` on every process).
     """
 
     def __init__(self, accelerator: Any) -> None:
         self._accelerator = accelerator
         self.received: int | None = None
+        self.signal_pending = self.stop_agreed = False
 
     @property
     def received_signal(self) -> int:
         """The signal received (SIGTERM when another process of the run received it)."""
         return int(self.received or signal.SIGTERM)
 
-    def pending(self, optimizer_step: int | None = None) -> bool:
-        """Whether a stop signal arrived in any process. Mid-epoch (``optimizer_step`` given) several
-        processes agree only every ``AGREE_EVERY`` steps; at a phase boundary (None) always."""
+    def agree(self, state: RunState, nonfinite: bool = False) -> bool:
+        """Agree with the other processes on stopping, and on whether this optimizer step's loss was finite
+        (``nonfinite``: this process's); returns whether it was non-finite on any process.
+
+        With several processes every one must call this at the same point: one tiny all-reduce (and a host
+        sync), after which a signal that reached one process is pending on all (they stop at the same step,
+        or the checkpoint's collectives would hang), and a stop that one requested in ``state`` is requested
+        in every ``state``, with its reason. On one process, no collective.
+        """
         accelerator = self._accelerator
         if accelerator.num_processes == 1:
-            return self.received is not None
-        if optimizer_step is not None and optimizer_step % AGREE_EVERY:
-            return False
+            self.signal_pending, self.stop_agreed = self.received is not None, state.stop_requested
+            return nonfinite
         import torch  # not at the top: the command line imports this module before torch, to catch_early()
 
-        # Every process must stop at the same step, or the checkpoint's collectives hang.
-        flag = torch.tensor(0 if self.received is None else self.received, device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
+        flags = torch.tensor([int(nonfinite), int(self.received is not None), int(state.stop_requested)],
+                             device=accelerator.device)
+        nonfinite_on, received_on, requested_on = accelerator.reduce(flags, reduction="sum").tolist()
+        if 0 < requested_on < accelerator.num_processes:  # the same on every process: all gather, or none
+            self._share_reason(state)
+        self.signal_pending, self.stop_agreed = received_on > 0, requested_on > 0
+        return nonfinite_on > 0
+
+    def _share_reason(self, state: RunState) -> None:
+        """Every process stops for the first requesting process's reason (a rare gather: once per run)."""
+        from accelerate.utils import gather_object
+        reasons = gather_object([state.stop_reason if state.stop_requested else None])
+        rank, reason = next((rank, reason) for rank, reason in enumerate(reasons) if reason is not None)
+        if not state.stop_requested:
+            state.request_stop(f"{reason} (on process {rank})")
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -97,5 +130,5 @@ class StopSignals:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means now
+            raise KeyboardInterrupt  # a second Ctrl-C means now (a launcher passes on the first one only once)
         self.received = signum

@@ -17,6 +17,9 @@ class RunState:
     far (0 between steps: the only moments a checkpoint may be taken).
     ``max_steps`` (``train.max_steps``) ends the run at that optimizer step, mid-epoch if need be: the
     epoch it is reached in is then the last one.
+    ``epoch_start_sample`` is 0 but after a resume with another process count in the middle of an epoch:
+    the samples of the epoch's order consumed before it, which the processes now re-shard the rest of;
+    ``batch_in_epoch`` then counts from there.
     ``resumed`` is True while a resumed run is still in the phase its checkpoint was taken in.
     """
 
@@ -29,6 +32,7 @@ class RunState:
     epoch_start_step: int = 0
     batch_in_epoch: int = 0
     micro_step: int = 0
+    epoch_start_sample: int = 0
     stop_requested: bool = False
     stop_reason: str = ""
     resumed: bool = field(default=False, compare=False)
@@ -54,7 +58,7 @@ class RunState:
     def start_epoch(self) -> None:
         """The bookkeeping of a new epoch; the phase machine calls it on every entry into ``train_epoch``."""
         self.epoch += 1
-        self.batch_in_epoch = self.micro_step = 0
+        self.batch_in_epoch = self.micro_step = self.epoch_start_sample = 0
         self.epoch_start_step = self.optimizer_step
 
     def to_dict(self) -> dict[str, Any]:

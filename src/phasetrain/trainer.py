@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from phasetrain.accelerator import direct_steps, make_accelerator, release_at_exit
 from phasetrain.batches import RunData
@@ -38,12 +38,12 @@ from phasetrain.components import as_config, build_components
 from phasetrain.conditions import Condition
 from phasetrain.config import RunConfig
 from phasetrain.errors import ConfigError, GraphError, NonFiniteLossError
-from phasetrain.graph import LAST, Edge, build_graph
+from phasetrain.graph import EPOCH, LAST, Edge, build_graph
 from phasetrain.history import RunHistory
 from phasetrain.losses import TrainLoss
 from phasetrain.machine import PhaseMachine
 from phasetrain.phases import Phase, prefixed
-from phasetrain.resume_changes import apply_changes, refuse_changes
+from phasetrain.resume_changes import apply_changes, refuse_changes, refuse_other_process_count
 from phasetrain.rng import ProcessRNG
 from phasetrain.run_folder import RunFolder
 from phasetrain.signals import RunInterrupted, StopSignals
@@ -184,10 +184,17 @@ class Trainer(TrainerSteps):
     def _run_dir(self, cfg: RunConfig) -> pathlib.Path:
         if not cfg.train.fast_dev_run:
             return pathlib.Path(cfg.run_dir)
-        # One batch of each phase, written to a throwaway folder: the real run_dir is left as it is.
+        # One batch of each phase, written to a throwaway folder: the real run_dir is left as it is. The main
+        # process makes it (and removes it when run() ends); every process writes its part of a checkpoint there.
         import tempfile
-        self._scratch = tempfile.TemporaryDirectory(prefix="phasetrain-fast-dev-run-")  # removed when run() ends
-        return pathlib.Path(self._scratch.name) / "run"
+
+        from accelerate.utils import broadcast_object_list
+        if self.accelerator.is_main_process:
+            self._scratch = tempfile.TemporaryDirectory(prefix="phasetrain-fast-dev-run-")
+        folder = [self._scratch.name if self._scratch is not None else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(folder, from_process=0)
+        return pathlib.Path(str(folder[0])) / "run"
 
     def _scheduler_sized_by(self) -> set[str]:
         """The run-length placeholders (``epochs``, ``total_steps``) the scheduler was built with: a resume
@@ -239,12 +246,15 @@ class Trainer(TrainerSteps):
                           stacklevel=3)
             folder.restarting = True
             return
-        current, saved_config = self.config.to_dict(), {}
+        current, saved_config, saved_processes = self.config.to_dict(), {}, []
 
         def refuse(path: pathlib.Path, saved: dict[str, Any]) -> None:  # before anything is loaded
             saved_config.update(saved["config"])
+            saved_processes.append(saved["processes"])
             refuse_changes(saved["config"], current, path.name, int(saved["state"]["epoch"]),
                            int(saved["state"]["optimizer_step"]), self._scheduler_sized_by())
+            refuse_other_process_count(path.name, saved["processes"], self.accelerator.num_processes,
+                                       self.config.scheduler.args if self.config.scheduler is not None else None)
             missing = [name for name in saved.get("objects", []) if name not in self._objects]
             if missing:  # the config would build something else in their place: another run, silently
                 raise ConfigError(f"checkpoint {path.name} was made with {', '.join(missing)} given as Python "
@@ -253,6 +263,8 @@ class Trainer(TrainerSteps):
 
         path, self.state = self._checkpoints.resume(which, self.config, self._to_save(), self._per_process(),
                                                     from_other_run=from_other_run, check=refuse)
+        if saved_processes[0] != self.accelerator.num_processes:
+            self._reshard(saved_processes[0])
         changes = apply_changes(saved_config, current, self.optimizer.optimizer)
         if changes:
             warnings.warn(changes, stacklevel=3)
@@ -260,6 +272,17 @@ class Trainer(TrainerSteps):
         if self.accelerator.is_main_process:
             say(f"resuming {folder.path} from {path.name}: epoch {self.state.epoch}, step "
                 f"{self.state.optimizer_step}, in {self.state.phase}")
+
+    def _reshard(self, saved_processes: int) -> None:
+        """Continue an epoch that ``saved_processes`` processes were in the middle of: the samples of its order
+        they had not consumed yet are shared out over this run's processes."""
+        state = self.state
+        if isinstance(self.data.train, IterableDataset):  # its own order: consumed batches are skipped by loading
+            return
+        if state.phase == EPOCH and not state.phase_complete and state.batch_in_epoch:
+            state.epoch_start_sample = self.data.consumed_samples(state.epoch_start_sample, state.batch_in_epoch,
+                                                                  saved_processes)
+            state.batch_in_epoch = 0
 
     def _walk(self) -> None:
         self.callbacks.check()  # the graph is final now: every phase hook must name one of its phases
@@ -275,7 +298,8 @@ class Trainer(TrainerSteps):
                     self.state.phase_complete = True
                 if self.state.phase == LAST:
                     break
-                if self._signals.pending():
+                self._signals.agree(self.state)
+                if self._signals.signal_pending:
                     self._stop_for_signal()
                 walker.next_phase()
             self.training_run_end()
@@ -291,9 +315,13 @@ class Trainer(TrainerSteps):
 
     def _exited(self, phase: str) -> None:
         self.callbacks.fire(f"on_exit_{phase}", self)
+        # A stop requested by an exit hook on one process decides this very move on all of them (a signal that
+        # came in meanwhile waits for the check after the next phase).
+        self._signals.agree(self.state)
 
     def request_stop(self, reason: str) -> None:
-        """End the run at the next phase boundary (a train epoch stops after the current optimizer step)."""
+        """End the run at the next phase boundary (a train epoch stops after the current optimizer step).
+        With several processes, a stop one of them requests ends every one of them there."""
         self.state.request_stop(reason)
 
     def log(self, metrics: Mapping[str, float], kind: str = "epoch") -> None:
@@ -325,7 +353,8 @@ class Trainer(TrainerSteps):
 
     def _stop_for_signal(self) -> None:
         path = self.save_checkpoint()
-        raise RunInterrupted(self._signals.received_signal, path, self.run_folder.path, bool(self._objects))
+        raise RunInterrupted(self._signals.received_signal, path, self.run_folder.path, bool(self._objects),
+                             self.accelerator.num_processes)
 
     # ---- what the built-in phases call ---------------------------------------------------------------
     def setup_run(self) -> None:
@@ -347,14 +376,17 @@ class Trainer(TrainerSteps):
     def train_epoch(self) -> None:
         """One epoch of optimizer steps on this process's shard. After a mid-epoch resume it continues from
         ``state.batch_in_epoch``: the consumed batches are skipped by index, not loaded."""
-        state, accumulation = self.state, self.data.accumulation
+        state = self.state
+        accumulation = self.data.epoch_accumulation(state.epoch_start_sample)
         self.model.train()
         self._train_loss.begin(state.epoch)
         self.train_epoch_start()
         # A stop requested (or max_steps reached) at the step a checkpoint was taken at ends a resumed epoch
-        # there, as it did then.
+        # there, as it did then. With several processes they agree first (an enter hook may have asked on one).
+        self._signals.agree(state)  # a signal waits for the first step's check
         done = state.stop_requested or state.reached_max_steps
-        batches = () if done else self.data.train_batches(state.epoch, skip=state.batch_in_epoch)
+        batches = () if done else self.data.train_batches(state.epoch, skip=state.batch_in_epoch,
+                                                          start=state.epoch_start_sample)
         for batch in batches:
             group_size = accumulation.group_size(state.batch_in_epoch)  # the epoch's last group may be short
             if state.micro_step == 0:
@@ -373,7 +405,7 @@ class Trainer(TrainerSteps):
             self.callbacks.fire("on_train_batch_end", self, batch, output)
             if last:
                 self._update_weights(skip=not self._step_loss_is_finite(group_size))
-                if state.stop_requested or state.reached_max_steps:
+                if self._signals.stop_agreed or state.reached_max_steps:
                     break
         if state.micro_step:  # an iterable dataset ended inside an accumulation group
             self._update_weights(skip=not self._step_loss_is_finite(state.micro_step))
@@ -390,13 +422,13 @@ class Trainer(TrainerSteps):
 
         Note: one host sync per optimizer step, after the step's last backward was queued; with several
         processes also one tiny all-reduce, because the gradients are averaged: every process must decide
-        alike, or one would step with the NaN another skipped.
+        alike, or one would step with the NaN another skipped. The same all-reduce agrees on stopping
+        (``StopSignals.agree``): a stop one process requests mid-epoch ends the epoch one step later on all.
         """
         value = self._train_loss.step_loss.item()
         finite = math.isfinite(value)  # on the host: torch.isfinite on a 0-d tensor costs 20x more on a CPU
         if self.accelerator.num_processes > 1:
-            flag = torch.tensor(0.0 if finite else 1.0, device=self.accelerator.device)
-            finite = not self.accelerator.reduce(flag, reduction="sum").item()
+            finite = not self._signals.agree(self.state, nonfinite=not finite)
         if finite:
             return True
         state = self.state
@@ -435,7 +467,9 @@ class Trainer(TrainerSteps):
         every = self.config.train.log_every_steps
         if every and state.optimizer_step % every == 0:  # a device sync, once per log_every_steps
             self.log({"train/loss": self._train_loss.mean_since_last_read(), "train/lr": self._lr()}, kind="step")
-        if self._signals.pending(state.optimizer_step):
+        if self.accelerator.num_processes == 1:  # several agreed before this step (_step_loss_is_finite)
+            self._signals.agree(state)
+        if self._signals.signal_pending:
             self._stop_for_signal()
         every = self.config.checkpoint.every_steps or 0
         if every and state.optimizer_step % every == 0:

@@ -513,10 +513,9 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
     def _steps_per_epoch(self, train: TrainConfig) -> int | None:
         """Optimizer steps per epoch on this process, as the run will count them (None: a dataset without a
         length; the run then stops at num_epochs or max_num_train_steps, whichever comes first)."""
-        from accelerate.state import PartialState
-
+        from phasetrain.accelerator import process_state
         from phasetrain.batches import RunData
-        state = PartialState()
+        state = process_state()
         return RunData({"train": self.train_dataset}, train, 0, process_index=state.process_index,
                        num_processes=state.num_processes).steps_per_epoch
 

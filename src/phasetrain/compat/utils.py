@@ -12,8 +12,8 @@ def local_process_zero_only(func: _F) -> _F:
     """Run ``func`` on the main process of each machine only (None elsewhere)."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from accelerate.state import PartialState
-        return func(*args, **kwargs) if PartialState().is_local_main_process else None
+        from phasetrain.accelerator import process_state
+        return func(*args, **kwargs) if process_state().is_local_main_process else None
     return wrapper  # type: ignore[return-value]
 
 
@@ -21,8 +21,8 @@ def world_process_zero_only(func: _F) -> _F:
     """Run ``func`` on the main process of the whole run only (None elsewhere)."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from accelerate.state import PartialState
-        return func(*args, **kwargs) if PartialState().is_main_process else None
+        from phasetrain.accelerator import process_state
+        return func(*args, **kwargs) if process_state().is_main_process else None
     return wrapper  # type: ignore[return-value]
 
 
@@ -30,7 +30,7 @@ def local_process_zero_first(func: _F) -> _F:
     """Run ``func`` on each machine's main process first, then on the others (a download, say)."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from accelerate.state import PartialState
-        with PartialState().local_main_process_first():
+        from phasetrain.accelerator import process_state
+        with process_state().local_main_process_first():
             return func(*args, **kwargs)
     return wrapper  # type: ignore[return-value]
