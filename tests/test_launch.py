@@ -139,3 +139,47 @@ def test_srun_tasks_without_a_launcher_are_refused_before_the_run_folder_is_touc
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task: a plain run
     assert main(["plan", "examples/digits.yaml"]) == 0
+
+
+@pytest.mark.parametrize(("size", "start", "world_size"), [(100, 99, 3), (2, 0, 3), (1, 0, 8), (1259, 1258, 2)])
+def test_fewer_samples_left_than_processes_still_give_every_process_a_batch(size: int, start: int,
+                                                                          world_size: int) -> None:
+    # DDP needs every process to take as many steps: with too few samples the padding repeats them, as often
+    # as it takes (a resume of a nearly finished epoch on more processes than samples left).
+    from phasetrain.data import shard_size
+    shards = [EpochBatchSampler(size, 4, shuffle=True, drop_last=False, seed=1, epoch=1, rank=rank,
+                                world_size=world_size, start=start).batches for rank in range(world_size)]
+    assert [len(batches) for batches in shards] == [1] * world_size
+    assert [len(batches[0]) for batches in shards] == [shard_size(size - start, r, world_size, pad=True)
+                                                       for r in range(world_size)]
+
+
+def test_a_run_folder_in_use_is_refused_before_any_process_starts(tmp_path: pathlib.Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\nfrom phasetrain.run_folder import RunFolder\n"
+                               "with RunFolder(pathlib.Path(sys.argv[1])).locked():\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        monkeypatch.chdir(ROOT)
+        code = main(["run", "examples/digits.yaml", f"run_dir={tmp_path / 'run'}", "overwrite=true",
+                     "--num-processes", "2"])
+        err = capsys.readouterr().err
+        # Said by the command itself, once; launched processes would have said it after the others timed out.
+        assert code == 2 and err.count("\n") == 1 and f"is in use by process {holder.pid}" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_phasetrain_warnings_are_shown_by_the_main_process_only(capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A resume's warnings (config changes, a corrupt checkpoint skipped) are the same on every process.
+    from phasetrain import cli
+    source = str(pathlib.Path(cli.__file__).parent / "trainer.py")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, shown in (("1", ""), ("0", "phasetrain: warning: resuming with changes\n")):
+        monkeypatch.setenv("RANK", rank)
+        cli._show_warning(UserWarning("resuming with\n   changes"), UserWarning, source, 1)
+        assert capsys.readouterr().err == shown

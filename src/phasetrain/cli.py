@@ -31,26 +31,26 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return commands_by_name[args.command](args)
         except PhasetrainError as exc:
-            print(f"phasetrain: error: {which_process()}{exc}", file=sys.stderr)
+            _say(f"phasetrain: error: {which_process()}{exc}")
             return 2
         except OSError as exc:
             if exc.errno not in _PATH_ERRORS:
                 raise
-            print(f"phasetrain: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+            _say(f"phasetrain: error: {exc.strerror}: {exc.filename}")
             return 2
         except _interrupted() as exc:
             if is_main_process():  # every process saved its part of the one checkpoint: one line says so
-                print(f"phasetrain: {exc}", file=sys.stderr)
+                _say(f"phasetrain: {exc}")
             return exc.exit_code
         except RuntimeError as exc:
             lost = _lost_process(exc)
             if lost is None:
                 raise
-            print(f"phasetrain: error: {which_process()}{lost}", file=sys.stderr)
+            _say(f"phasetrain: error: {which_process()}{lost}")
             return LOST_PROCESS_EXIT
         except KeyboardInterrupt:  # Ctrl-C before the run's own handler is installed (or a second one)
-            print("phasetrain: interrupted (SIGINT) before a checkpoint could be written; whatever was saved "
-                  "before is intact", file=sys.stderr)
+            _say("phasetrain: interrupted (SIGINT) before a checkpoint could be written; whatever was saved before "
+                 "is intact")
             return 130
 
 
@@ -96,17 +96,23 @@ def _add_num_processes(command: argparse.ArgumentParser) -> None:
                               "GPU, or N CPU processes (gloo) on a machine without GPUs; see docs/distributed.md")
 
 
-def _launch_instead(args: argparse.Namespace, run_dir: Any) -> int | None:
+def _launch_instead(args: argparse.Namespace, folder: Any, lock: bool = True) -> int | None:
     """With ``--num-processes N`` (N > 1, outside a launch): run this very command on N processes through
-    torch's launcher, after the checks that need no process (the config, the run folder) passed here once.
-    Each process gets the same arguments; ``--num-processes N`` inside a launch of N is accepted."""
+    torch's launcher, after the checks that need no process (the config, the run folder, its lock) passed
+    here once. Each process gets the same arguments; ``--num-processes N`` inside a launch of N is accepted."""
     from phasetrain import launch
-    if args.num_processes is None:
+    if args.num_processes is None or "WORLD_SIZE" in os.environ or args.num_processes == 1:
         return None
-    launch.check_process_count(args.num_processes)
-    if "WORLD_SIZE" in os.environ or args.num_processes == 1:
-        return None
-    return launch.launch(args.num_processes, sys.argv[1:], run_dir)
+    if lock:
+        with folder.locked():  # a folder in use: one line now, not one from a process while the others wait
+            pass
+    return launch.launch(args.num_processes, sys.argv[1:], folder.path)
+
+
+def _check_process_count(args: argparse.Namespace) -> None:
+    if args.num_processes is not None:
+        from phasetrain.launch import check_process_count
+        check_process_count(args.num_processes)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -114,12 +120,13 @@ def _run(args: argparse.Namespace) -> int:
     from phasetrain.launch import check_srun_without_launcher
     from phasetrain.run_folder import RunFolder
     check_srun_without_launcher()
+    _check_process_count(args)
     ensure_importable_cwd()
     config = RunConfig.from_file(args.config, overrides=args.overrides)
     folder = RunFolder(config.run_dir, is_main_process())
     if not config.train.fast_dev_run:  # it writes to a throwaway folder: run_dir is neither checked nor locked
         folder.refuse_if_occupied(config)  # in a blink, before the model, the data and the dry run are built
-    launched = _launch_instead(args, config.run_dir)
+    launched = _launch_instead(args, folder, lock=not config.train.fast_dev_run)
     if launched is not None:
         return launched
     with nullcontext() if config.train.fast_dev_run else folder.locked():
@@ -133,6 +140,7 @@ def _resume(args: argparse.Namespace) -> int:
     from phasetrain.launch import check_srun_without_launcher
     from phasetrain.run_folder import RunFolder
     check_srun_without_launcher()
+    _check_process_count(args)
     ensure_importable_cwd()
     folder = RunFolder(args.run_dir)
     if not folder.config_file.is_file():
@@ -152,7 +160,7 @@ def _resume(args: argparse.Namespace) -> int:
         raise RunDirError(f"{args.run_dir} was trained from Python objects (its config.yaml names no "
                           f"{' and no '.join(missing)}), so the command line cannot rebuild it; resume it from "
                           "Python with the same objects: Trainer(config, model=..., ...).run(resume='latest')")
-    launched = _launch_instead(args, args.run_dir)
+    launched = _launch_instead(args, RunFolder(args.run_dir))
     if launched is not None:
         return launched
     with RunFolder(args.run_dir, is_main_process()).locked():
@@ -240,6 +248,13 @@ def _lost_process(error: RuntimeError) -> str | None:
     return f"another process of the run stopped answering ({what}); its own error, or the launcher, says why"
 
 
+def _say(line: str) -> None:
+    """One line on stderr, in one write: the processes of a launch share the terminal, and a line written in
+    two parts (text, then newline) gets another process's line glued to it."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 #: Write errors that are about the machine, not a bug: one line naming the run folder, exit 2.
 _FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
@@ -251,7 +266,8 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
                   file: Any = None, line: str | None = None) -> None:
     """phasetrain's own warnings as one ``phasetrain: warning: ...`` line; others as Python shows them."""
     if pathlib.Path(filename).resolve().is_relative_to(pathlib.Path(__file__).parent):
-        print(f"phasetrain: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        if is_main_process():  # the same on every process of a launch (one that is not says so on the main one)
+            _say(f"phasetrain: warning: {' '.join(str(message).split())}")
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 

@@ -25,7 +25,8 @@ from phasetrain.worker_signals import worker_init
 
 
 def shard_size(size: int, rank: int, world_size: int, pad: bool) -> int:
-    """Samples process ``rank`` gets of ``size``: every ``world_size``-th one, after padding when ``pad``."""
+    """Samples process ``rank`` gets of ``size``: every ``world_size``-th one, after padding (when ``pad``) to
+    a multiple of ``world_size``, so that every process gets as many."""
     if world_size > 1 and pad and size % world_size:
         size += world_size - size % world_size
     return len(range(rank, size, world_size))
@@ -66,8 +67,8 @@ class EpochBatchSampler:
             order = torch.randperm(size, generator=generator).tolist()
         order, size = order[start:], size - start
         if world_size > 1:
-            if pad and size % world_size:
-                order += order[: world_size - size % world_size]
+            while pad and order and len(order) % world_size:  # a loop: fewer samples than processes need more than one pass
+                order += order[: world_size - len(order) % world_size]
             order = order[rank::world_size]
         base = epoch_seed(seed, epoch) * 1_000_003 + rank
         count = batch_count(len(order), batch_size, drop_last)

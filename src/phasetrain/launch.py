@@ -110,11 +110,16 @@ def launch(processes: int, command: list[str], run_dir: object) -> int:
     args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(processes), "--max_restarts", "0",
                                          "--monitor_interval", "0.5", "-m", "phasetrain", *command])
     # Its start/stop notes and its failure report: a failure is told by the process and below, in one line.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # torch gives some of its modules' loggers a level of their own, so each is quietened by name.
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # From here torch's launcher owns SIGTERM/SIGINT (it installs its handlers before it starts a process and
     # passes them on); one that came while torch was being imported stops here, before any process starts.
     received = early_signal(restore_defaults=True)
     if received is not None:
+        print(f"phasetrain: {signal.Signals(received).name} received before any process started; nothing was "
+              "written", file=sys.stderr)
         return 128 + received
     try:
         run(args)

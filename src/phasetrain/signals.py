@@ -50,11 +50,14 @@ class RunInterrupted(Exception):
     """Raised after a SIGTERM/SIGINT: the current optimizer step finished and a checkpoint was written.
     ``exit_code`` is the shell's convention for the signal: 130 for SIGINT, 143 for SIGTERM."""
 
-    def __init__(self, signum: int, checkpoint: pathlib.Path, run_dir: pathlib.Path, from_python: bool = False,
+    def __init__(self, signum: int, checkpoint: pathlib.Path | None, run_dir: pathlib.Path, from_python: bool = False,
                  processes: int = 1) -> None:
         from phasetrain.launch import resume_command
         self.checkpoint = checkpoint
         self.exit_code = 128 + signum
+        if checkpoint is None:  # train.fast_dev_run: its throwaway folder goes with the run
+            super().__init__(f"{signal.Signals(signum).name} received: a train.fast_dev_run keeps nothing to resume")
+            return
         how = ("resume it from Python with the same objects: Trainer(config, model=..., ...).run(resume='latest') "
                "(its config.yaml does not name them all, so 'phasetrain resume' cannot rebuild it)" if from_python
                else f"resume with {resume_command(run_dir, processes)}")

@@ -352,7 +352,7 @@ class Trainer(TrainerSteps):
         return {"rng": ProcessRNG(), "train_loss": self._train_loss}
 
     def _stop_for_signal(self) -> None:
-        path = self.save_checkpoint()
+        path = None if self.config.train.fast_dev_run else self.save_checkpoint()
         raise RunInterrupted(self._signals.received_signal, path, self.run_folder.path, bool(self._objects),
                              self.accelerator.num_processes)
 
