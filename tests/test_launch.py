@@ -154,12 +154,20 @@ def test_fewer_samples_left_than_processes_still_give_every_process_a_batch(size
                                                        for r in range(world_size)]
 
 
+HOLD_THE_LOCK = """
+import pathlib, sys, time
+from phasetrain.run_folder import RunFolder
+with RunFolder(pathlib.Path(sys.argv[1])).locked():
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
 def test_a_run_folder_in_use_is_refused_before_any_process_starts(tmp_path: pathlib.Path,
                                                                   capsys: pytest.CaptureFixture[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\nfrom phasetrain.run_folder import RunFolder\n"
-                               "with RunFolder(pathlib.Path(sys.argv[1])).locked():\n    print('held', flush=True)\n    time.sleep(60)",
-                               str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                              text=True, env=subprocess_env())
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         monkeypatch.chdir(ROOT)
