@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 -m tests.distributed_job OUT resume-test N    crash at step N (0: resume)
 
 The scenarios: train, evaluate, predict (gather); the main job without dropout (batch); NaN inputs on one
-process only (nan); one process asks to stop (stop, stop-on-exit); one process gets a SIGTERM (sigterm);
+process only (nan); one process asks to stop (stop, stop-on-exit); one process gets a SIGTERM (sigterm, and
+sigterm-own-loop with a train_epoch of one's own);
 the resume test's run, never stopped (resume); tests/features_job.py's (features).
 
 ``resume-test N`` with N < 0 kills process 1 (SIGKILL) at step -N instead of raising in both; ``resume-test
@@ -129,11 +130,26 @@ def batch_test(out: pathlib.Path) -> None:
     Trainer(config).run()
 
 
-def sigterm_test(out: pathlib.Path) -> None:
+class PlainLoopTrainer(Trainer):
+    """A train_epoch of one's own (as docs/trainer.md shows), without the trainer's per-step loss check."""
+
+    def train_epoch(self) -> None:
+        self.model.train()
+        for batch in self.data.train_batches(self.state.epoch, skip=self.state.batch_in_epoch):
+            loss = self.calculate_train_batch_loss(batch)["loss"]
+            self.backward_step(loss)
+            self.optimizer_step()
+            self.scheduler_step()
+            self.optimizer_zero_grad()
+            self.state.batch_in_epoch += 1
+            self.end_optimizer_step(loss.detach())
+
+
+def sigterm_test(out: pathlib.Path, trainer_class: type[Trainer] = Trainer) -> None:
     """Process 1 alone gets a SIGTERM at step 27 (as from `kill PID`): both must stop at one step, one checkpoint."""
     config = digits_config(out / "run", train={"epochs": 3})
     try:
-        Trainer(config, callbacks=[FailOnProcess1(27, "sigterm")]).run()
+        trainer_class(config, callbacks=[FailOnProcess1(27, "sigterm")]).run()
     except RunInterrupted as stopped:
         (out / f"stopped-{os.environ['RANK']}.json").write_text(json.dumps({"checkpoint": str(stopped.checkpoint),
                                                                             "message": str(stopped)}))
@@ -155,6 +171,7 @@ def main() -> None:
     stop_test(out / "stop", "stop")
     stop_test(out / "stop-on-exit", "stop-on-exit")
     sigterm_test(out / "sigterm")
+    sigterm_test(out / "sigterm-own-loop", PlainLoopTrainer)
     resume_test(out / "resume", None)  # never stopped: what a resumed run must equal
     features_job.run_all(out / "features")
     dist.destroy_process_group()

@@ -118,11 +118,14 @@ def test_a_stop_one_process_requests_stops_every_process_at_the_same_step(scenar
     assert (out / "run" / "model.safetensors").is_file()  # the run finished: final weights written
 
 
-def test_a_sigterm_that_reaches_one_process_stops_both_at_the_same_step(scenarios: Any) -> None:
-    out = scenarios[0] / "sigterm"
+@pytest.mark.parametrize("loop", ["sigterm", "sigterm-own-loop"])
+def test_a_sigterm_that_reaches_one_process_stops_both_at_the_same_step(scenarios: Any, loop: str) -> None:
+    out = scenarios[0] / loop
     stopped = [json.loads((out / f"stopped-{rank}.json").read_text()) for rank in (0, 1)]
-    # Process 1 got it after step 27; they agree in the all-reduce of step 28 and write one checkpoint there.
-    saved = out / "run" / "checkpoints" / "epoch002-step0000028-train_epoch"
+    # Process 1 got it after step 27. The trainer's loop agrees in the all-reduce of step 28's loss check and
+    # writes one checkpoint there; a train_epoch of one's own, without that check, agrees at the end of step 27.
+    step = 28 if loop == "sigterm" else 27
+    saved = out / "run" / "checkpoints" / f"epoch002-step{step:07d}-train_epoch"
     assert [s["checkpoint"] for s in stopped] == [str(saved), str(saved)]
     assert all(s["message"].startswith("SIGTERM received") for s in stopped)
     verify(saved)

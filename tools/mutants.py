@@ -93,7 +93,7 @@ MUTANTS = [
      "            raise ConfigError(describe_validation_error(exc, _SOURCE.get())) from None", "            raise",
      "tests/test_bad_input.py"),
     ("signal stop ignored mid-epoch", "src/phasetrain/trainer.py",
-     ("        if self.accelerator.num_processes == 1:  # several agreed before this step (_step_loss_is_finite)\n"
+     ("        if self._agreed_before_step != state.optimizer_step:\n"
       "            self._signals.agree(state)"),
      "        if False:\n            self._signals.agree(state)", "tests/test_resume.py tests/test_kill.py"),
     ("per-process train loss not checkpointed", "src/phasetrain/trainer.py",
@@ -317,6 +317,9 @@ MUTANTS = [
     ("dist: phasetrain warnings from every process", "src/phasetrain/cli.py",
      "        if is_main_process():  # the same on every process", "        if True:  # the same on every process",
      "tests/test_launch.py"),
+    ("dist: a train_epoch of one's own agrees on signals only at phase boundaries", "src/phasetrain/trainer.py",
+     "        if self._agreed_before_step != state.optimizer_step:", "        if self.accelerator.num_processes == 1:",
+     "tests/test_distributed.py -k sigterm_that"),
     ("dist: survivor's lost-peer line dropped", "src/phasetrain/cli.py",
      "            lost = _lost_process(exc)", "            lost = None", "tests/test_distributed.py -k failure"),
 ]

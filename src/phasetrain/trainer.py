@@ -122,6 +122,7 @@ class Trainer(TrainerSteps):
         self._direct = direct_steps(accelerator)
         self._step_optimizer = self.optimizer.optimizer if self._direct else self.optimizer
         self._started = False
+        self._agreed_before_step = -1  # the optimizer step whose stop agreement came with its loss check
         if accelerator.num_processes > 1:
             release_at_exit(self)
 
@@ -429,6 +430,7 @@ class Trainer(TrainerSteps):
         finite = math.isfinite(value)  # on the host: torch.isfinite on a 0-d tensor costs 20x more on a CPU
         if self.accelerator.num_processes > 1:
             finite = not self._signals.agree(self.state, nonfinite=not finite)
+            self._agreed_before_step = self.state.optimizer_step + 1
         if finite:
             return True
         state = self.state
@@ -467,7 +469,9 @@ class Trainer(TrainerSteps):
         every = self.config.train.log_every_steps
         if every and state.optimizer_step % every == 0:  # a device sync, once per log_every_steps
             self.log({"train/loss": self._train_loss.mean_since_last_read(), "train/lr": self._lr()}, kind="step")
-        if self.accelerator.num_processes == 1:  # several agreed before this step (_step_loss_is_finite)
+        # Several processes agreed before this step's update (_step_loss_is_finite); one process, or a
+        # train_epoch of your own that does not call that check, agrees now.
+        if self._agreed_before_step != state.optimizer_step:
             self._signals.agree(state)
         if self._signals.signal_pending:
             self._stop_for_signal()
