@@ -8,7 +8,7 @@ process only (nan); one process asks to stop (stop, stop-on-exit); one process g
 sigterm-own-loop with a train_epoch of one's own);
 the resume test's run, never stopped (resume); tests/features_job.py's (features).
 
-``resume-test N`` with N < 0 kills process 1 (SIGKILL) at step -N instead of raising in both; ``resume-test
+``resume-test N`` kills process 1 (SIGKILL) at optimizer step N; ``resume-test 0`` resumes; ``resume-test
 never`` runs without a crash.
 """
 from __future__ import annotations
@@ -28,26 +28,13 @@ from phasetrain.signals import RunInterrupted
 from tests.conftest import digits, digits_config
 
 
-class CrashAt(Callback):
-    """Both processes exit at ``step``; with ``kill``, only process 1 dies, by SIGKILL, as a lost machine would."""
-
-    def __init__(self, step: int, kill: bool = False) -> None:
-        self.step, self.kill = step, kill
-
-    def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
-        if trainer.state.optimizer_step == self.step:
-            if not self.kill:
-                raise SystemExit(3)
-            if trainer.accelerator.process_index == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-
 def resume_test(out: pathlib.Path, crash_step: int | None) -> None:
-    """Dropout, shuffling, accumulation and mid-epoch checkpoints across two processes."""
+    """Dropout, shuffling, accumulation and mid-epoch checkpoints across two processes; at ``crash_step`` process
+    1 is killed (0: resume instead, None: run through)."""
     config = digits_config(out / "run", model={"args": {"hidden": 64, "dropout": 0.3}},
                            train={"epochs": 2, "grad_accum_steps": 2},
                            checkpoint={"every_epochs": 1, "every_steps": 4, "keep_last": 1})
-    trainer = Trainer(config, callbacks=[CrashAt(abs(crash_step), kill=crash_step < 0)] if crash_step else [])
+    trainer = Trainer(config, callbacks=[FailOnProcess1(crash_step, "kill")] if crash_step else [])
     trainer.run(resume="latest" if crash_step == 0 else None)
 
 
@@ -91,8 +78,8 @@ class OneProcess(Callback):
 
 
 class FailOnProcess1(Callback):
-    """For a config's ``callbacks``: at optimizer ``step`` process 1 raises (``raise``), is killed (``kill``) or
-    receives a SIGTERM meant for it alone (``sigterm``)."""
+    """At optimizer ``step`` process 1 raises (``raise``), is killed as a lost machine would be (``kill``) or
+    receives a SIGTERM meant for it alone (``sigterm``); also for a config's ``callbacks``."""
 
     def __init__(self, step: int, how: str) -> None:
         self.step, self.how = step, how

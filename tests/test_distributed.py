@@ -181,7 +181,7 @@ def test_a_two_machine_run_killed_on_one_machine_ends_in_bounded_time_and_resume
     uninterrupted = scenarios[0] / "resume"  # the same run on two processes of one launch, never stopped
     # Two "machines" of one process each; at step 14 the second one's process is killed (SIGKILL).
     start = time.monotonic()
-    crashed = conftest.two_nodes("tests.distributed_job", str(tmp_path / "b"), "resume-test", "-14")
+    crashed = conftest.two_nodes("tests.distributed_job", str(tmp_path / "b"), "resume-test", "14")
     took = time.monotonic() - start
     assert all(launch.returncode != 0 for launch in crashed), [launch.stderr[-2000:] for launch in crashed]
     assert took < 60, took  # the whole run, started and killed after about 5 s of training

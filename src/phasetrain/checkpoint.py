@@ -5,8 +5,9 @@
 None is skipped.
 ``per_process`` objects (RNG streams, a process's running loss) are written by every process into
 ``process-<rank>.pt``; resumed by another number of processes, an object with ``merged_state_dict(states,
-rank)`` is loaded from all of them merged, the others start afresh. ``state.json`` holds the ``RunState``, the format and phasetrain versions, which
-parameters require grad, and the caller's metadata (config, monitored value). A checkpoint folder
+rank)`` is loaded from all of them merged, the others start afresh. ``state.json`` holds the ``RunState``,
+the format and phasetrain versions, which parameters require grad, and the caller's metadata (config,
+monitored value). A checkpoint folder
 ``RUN_DIR/checkpoints/epoch003-step0000120-checkpoint/`` is named by epoch, optimizer step and phase.
 With ``keep_best``, a new best checkpoint's model weights are also copied to ``RUN_DIR/best.safetensors``.
 ``.pt`` files are read with ``torch.load(weights_only=True)``: loading a checkpoint cannot execute code.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import pathlib
 import sys
 import warnings
@@ -101,7 +100,7 @@ def _launch_instead(args: argparse.Namespace, folder: Any, lock: bool = True) ->
     torch's launcher, after the checks that need no process (the config, the run folder, its lock) passed
     here once. Each process gets the same arguments; ``--num-processes N`` inside a launch of N is accepted."""
     from phasetrain import launch
-    if args.num_processes is None or "WORLD_SIZE" in os.environ or args.num_processes == 1:
+    if args.num_processes is None or launch.in_launch() or args.num_processes == 1:
         return None
     if lock:
         with folder.locked():  # a folder in use: one line now, not one from a process while the others wait
@@ -109,18 +108,11 @@ def _launch_instead(args: argparse.Namespace, folder: Any, lock: bool = True) ->
     return launch.launch(args.num_processes, sys.argv[1:], folder.path)
 
 
-def _check_process_count(args: argparse.Namespace) -> None:
-    if args.num_processes is not None:
-        from phasetrain.launch import check_process_count
-        check_process_count(args.num_processes)
-
-
 def _run(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
-    from phasetrain.launch import check_srun_without_launcher
+    from phasetrain.launch import check_command
     from phasetrain.run_folder import RunFolder
-    check_srun_without_launcher()
-    _check_process_count(args)
+    check_command(args.num_processes)
     ensure_importable_cwd()
     config = RunConfig.from_file(args.config, overrides=args.overrides)
     folder = RunFolder(config.run_dir, is_main_process())
@@ -137,12 +129,11 @@ def _run(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from phasetrain.config import RunConfig, ensure_importable_cwd
     from phasetrain.errors import RunDirError
-    from phasetrain.launch import check_srun_without_launcher
+    from phasetrain.launch import check_command
     from phasetrain.run_folder import RunFolder
-    check_srun_without_launcher()
-    _check_process_count(args)
+    check_command(args.num_processes)
     ensure_importable_cwd()
-    folder = RunFolder(args.run_dir)
+    folder = RunFolder(args.run_dir, is_main_process())
     if not folder.config_file.is_file():
         raise RunDirError(f"{args.run_dir} is not a run folder: it has no {folder.config_file.name}")
     if folder.finished:  # answered without building the run
@@ -160,10 +151,10 @@ def _resume(args: argparse.Namespace) -> int:
         raise RunDirError(f"{args.run_dir} was trained from Python objects (its config.yaml names no "
                           f"{' and no '.join(missing)}), so the command line cannot rebuild it; resume it from "
                           "Python with the same objects: Trainer(config, model=..., ...).run(resume='latest')")
-    launched = _launch_instead(args, RunFolder(args.run_dir))
+    launched = _launch_instead(args, folder)
     if launched is not None:
         return launched
-    with RunFolder(args.run_dir, is_main_process()).locked():
+    with folder.locked():
         _train(config, resume=args.checkpoint, from_other_run=args.from_other_run)
     return 0
 

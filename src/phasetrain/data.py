@@ -65,7 +65,7 @@ class EpochBatchSampler:
         if shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
             order = torch.randperm(size, generator=generator).tolist()
-        order, size = order[start:], size - start
+        order = order[start:]
         if world_size > 1:
             while pad and order and len(order) % world_size:  # a loop: fewer samples than processes need more than one pass
                 order += order[: world_size - len(order) % world_size]

@@ -45,6 +45,11 @@ def launched_processes() -> int:
                           "launch through torchrun or accelerate launch, which set it") from None
 
 
+def in_launch() -> bool:
+    """Whether a launcher started this process (it sets WORLD_SIZE, 1 included)."""
+    return "WORLD_SIZE" in os.environ
+
+
 def is_main_process() -> bool:
     """Whether this is the launch's first process (also without a launcher), known before accelerate is imported."""
     return os.environ.get("RANK", "0") == "0"
@@ -60,7 +65,7 @@ def check_srun_without_launcher() -> None:
     """Refuse a task of ``srun --ntasks N`` (N > 1) started without torchrun: no launcher told it it has
     company, so every task would train alone and write the same run folder."""
     tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
-    if "WORLD_SIZE" not in os.environ and tasks.isdigit() and int(tasks) > 1:
+    if not in_launch() and tasks.isdigit() and int(tasks) > 1:
         raise LaunchError(f"srun started {tasks} tasks of phasetrain without a launcher, so each would train alone "
                           "in the same run folder: start one torchrun per node (srun --ntasks-per-node 1 torchrun "
                           "--nnodes ... -m phasetrain run ...; see docs/distributed.md, 'Many machines')")
@@ -75,12 +80,20 @@ def resume_command(run_dir: object, processes: int) -> str:
     return f"'phasetrain resume {run_dir}' through the same launcher ({processes} processes)"
 
 
+def check_command(processes: int | None) -> None:
+    """The launch checks of ``phasetrain run/resume [--num-processes N]``, before anything else: no srun tasks
+    without a launcher, and a process count this launch and machine can run."""
+    check_srun_without_launcher()
+    if processes is not None:
+        check_process_count(processes)
+
+
 def check_process_count(processes: int) -> None:
     """Refuse a count below one, another count than the launch this process is in already has, or more
     processes than GPUs on a GPU machine."""
     if processes < 1:
         raise LaunchError(f"--num-processes {processes}: expected 1 or more processes")
-    if "WORLD_SIZE" in os.environ:
+    if in_launch():
         world_size = launched_processes()
         if processes != world_size:
             raise LaunchError(f"--num-processes {processes} given inside a launch of {world_size} processes "
@@ -102,7 +115,7 @@ def launch(processes: int, command: list[str], run_dir: object) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from phasetrain.signals import early_signal
+    from phasetrain.signals import release_stop_signals
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and say so; share this process's cores instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // processes))
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_SECONDS))
@@ -116,7 +129,7 @@ def launch(processes: int, command: list[str], run_dir: object) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     # From here torch's launcher owns SIGTERM/SIGINT (it installs its handlers before it starts a process and
     # passes them on); one that came while torch was being imported stops here, before any process starts.
-    received = early_signal(restore_defaults=True)
+    received = release_stop_signals()
     if received is not None:
         print(f"phasetrain: {signal.Signals(received).name} received before any process started; nothing was "
               "written", file=sys.stderr)

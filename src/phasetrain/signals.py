@@ -36,14 +36,12 @@ def caught_early() -> Iterator[None]:
         _EARLY.clear()
 
 
-def early_signal(restore_defaults: bool = False) -> int | None:
-    """The stop signal ``caught_early`` remembered, if one came; ``restore_defaults`` gives SIGTERM and SIGINT
-    back their usual handling (for a process that hands its stop signals on, such as a launcher)."""
-    received = _EARLY[0] if _EARLY else None
-    if restore_defaults:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    return received
+def release_stop_signals() -> int | None:
+    """Give SIGTERM and SIGINT back their usual handling, for a process that hands them on (a launcher);
+    returns the stop signal ``caught_early`` remembered until now, if one came."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return _EARLY[0] if _EARLY else None
 
 
 class RunInterrupted(Exception):
