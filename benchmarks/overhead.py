@@ -1,6 +1,6 @@
 """Trainer overhead against a plain hand-written PyTorch loop: same model, data, batch size and steps.
 
-    python benchmarks/overhead.py [--epochs 10] [--repeats 9] [--extra-phases 2]
+    python benchmarks/overhead.py [--epochs 10] [--repeats 9] [--extra-phases 2] [--tracking tensorboard]
 
 Interleaves repetitions (raw, trainer, raw, trainer, ...) so machine noise hits both alike, and prints
 the median times, the ratio of the medians and the median of the per-pair ratios (the steadier figure
@@ -10,6 +10,9 @@ console summary, history, metrics.jsonl), no eval set and no checkpoints, so bot
 
 ``--extra-phases N`` adds N no-op phases after ``train_epoch``, entered every epoch: the graph grows,
 the batch loop must not slow down (compare against a run without them).
+
+``--tracking tensorboard`` also times the trainer logging every record to TensorBoard (through accelerate)
+and prints how much its ratio to the raw loop rises over the trainer's without trackers.
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ def raw_loop(train: torch.utils.data.Dataset, epochs: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def trainer_run(train: torch.utils.data.Dataset, epochs: int, seed: int, extra_phases: int = 0) -> float:
+def trainer_run(train: torch.utils.data.Dataset, epochs: int, seed: int, extra_phases: int = 0,
+                tracking: list[str] | None = None) -> float:
     run_dir = pathlib.Path(tempfile.mkdtemp(prefix="overhead-")) / "run"
     config = RunConfig.from_dict({
         "run_dir": str(run_dir), "seed": seed,
@@ -58,6 +62,7 @@ def trainer_run(train: torch.utils.data.Dataset, epochs: int, seed: int, extra_p
         "optimizer": {"target": "torch.optim:AdamW", "args": {"lr": 2e-3}},
         "train": {"epochs": epochs, "batch_size": BATCH_SIZE},
         "checkpoint": {"every_epochs": 0},
+        "tracking": {"log_with": tracking or []},
     })
     trainer = Trainer(config, train_data=train)
     for index in range(extra_phases):
@@ -83,16 +88,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the timing stable)")
     parser.add_argument("--extra-phases", type=int, default=0,
                         help="also time the trainer with N extra no-op phases and print that ratio")
+    parser.add_argument("--tracking", nargs="*", default=[], metavar="TRACKER",
+                        help="also time the trainer logging to these trackers (e.g. tensorboard)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train = make_data(seed=0)["train"]
     raw_loop(train, 1, 0), trainer_run(train, 1, 0), trainer_run(train, 1, 0, args.extra_phases)  # warm up
-    raw_times, trainer_times, extra_times = [], [], []
+    if args.tracking:
+        trainer_run(train, 1, 0, tracking=args.tracking)
+    raw_times, trainer_times, extra_times, tracked_times = [], [], [], []
     for repeat in range(args.repeats):
         raw_times.append(raw_loop(train, args.epochs, repeat))
         trainer_times.append(trainer_run(train, args.epochs, repeat))
         if args.extra_phases:
             extra_times.append(trainer_run(train, args.epochs, repeat, args.extra_phases))
+        if args.tracking:
+            tracked_times.append(trainer_run(train, args.epochs, repeat, tracking=args.tracking))
     raw, trained = statistics.median(raw_times), statistics.median(trainer_times)
     paired = statistics.median(t / r for t, r in zip(trainer_times, raw_times, strict=True))
     steps = args.epochs * -(-len(train) // BATCH_SIZE)
@@ -105,6 +116,12 @@ def main() -> None:
         extra = statistics.median(e / t for e, t in zip(extra_times, trainer_times, strict=True))
         print(f"trainer with {args.extra_phases} extra phases: median {statistics.median(extra_times) * 1e3:.1f} ms; "
               f"ratio to the default graph (median of pairs): {extra:.3f}")
+    if tracked_times:
+        tracked = statistics.median(t / r for t, r in zip(tracked_times, raw_times, strict=True))
+        against = statistics.median(t / u for t, u in zip(tracked_times, trainer_times, strict=True))
+        print(f"trainer logging to {', '.join(args.tracking)}: median {statistics.median(tracked_times) * 1e3:.1f} ms; "
+              f"ratio to raw (median of pairs) {tracked:.3f}, {tracked - paired:+.3f} over the trainer without; "
+              f"to the trainer without (median of pairs) {against:.3f}")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,11 @@ class ResumePoint(Callback):
         state = trainer.state
         self.at = (state.phase, state.epoch, state.optimizer_step, state.resumed)
 
+
+
+def records_without_times(run_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """``RUN_DIR/metrics.jsonl`` without each record's ``"time"``: what a resumed run reproduces exactly, as
+    times differ on every run. Phase records stay: a resume must log each phase visit once."""
+    import json
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{key: value for key, value in json.loads(line).items() if key != "time"} for line in lines]

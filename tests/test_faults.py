@@ -33,7 +33,9 @@ def records(run_dir: pathlib.Path) -> list[dict[str, Any]]:
     """metrics.jsonl, parsed strictly: a bare NaN or Infinity (not JSON) fails the test."""
     def refuse(name: str) -> None:
         raise AssertionError(f"metrics.jsonl holds {name}, which is not JSON")
-    return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    # Without their times, which differ on every run (tests.conftest.records_without_times).
+    return [{k: v for k, v in json.loads(line, parse_constant=refuse).items() if k != "time"} for line in lines]
 
 
 def cli(*args: str, cwd: pathlib.Path = ROOT, env: dict[str, str] | None = None,

@@ -3,7 +3,6 @@ epoch-interval scheduler, early stopping's mode and min_delta, and a dataset wit
 from __future__ import annotations
 
 import copy
-import json
 import pathlib
 import re
 from typing import Any
@@ -13,14 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from phasetrain import Callback, ConfigError, EarlyStopping, RunConfig, Trainer
-from tests.conftest import digits, digits_config
+from phasetrain.callbacks import say
+from tests.conftest import digits, digits_config, records_without_times
 
 # The digits train split has 1257 samples: at batch 64 an epoch has 20 optimizer steps.
 FAST = {"batch_size": 64, "log_every_steps": 0}
 
 
 def records(run_dir: pathlib.Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The step and epoch records of metrics.jsonl, without their times (which differ on every run)."""
+    return [record for record in records_without_times(run_dir) if record["kind"] != "phase"]
 
 
 class Crash(Callback):
@@ -159,11 +160,17 @@ class Stream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         return (data[i] for i in range(100))
 
 
+class SayAtStep(Callback):
+    def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        if trainer.state.optimizer_step == 10:
+            say("the bar is redrawn under this line, as it counts now")  # tqdm.write redraws open bars
+
+
 def test_a_dataset_without_a_length_trains_with_a_progress_bar_that_counts_without_a_total(
         tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     trainer = Trainer(digits_config(tmp_path / "run", data=None, train={"epochs": 1, "batch_size": 10,
                                                                          "progress_bar": True}),
-                      train_data=Stream(), eval_data=digits()["eval"])
+                      train_data=Stream(), eval_data=digits()["eval"], callbacks=[SayAtStep()])
     trainer.run()
     assert trainer.state.optimizer_step == 10
     assert re.search(r"epoch 1/1: 10step \[", capsys.readouterr().err)

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import atexit
+import pathlib
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, ProjectConfiguration
 
 from phasetrain.errors import ConfigError, LaunchError
 from phasetrain.launch import check_srun_without_launcher, launched_processes
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """An Accelerator with this run's precision, for the processes the launcher started.
+def make_accelerator(mixed_precision: str, trackers: Sequence[str] = (), logging_dir: pathlib.Path | None = None
+                     ) -> Accelerator:
+    """An Accelerator with this run's precision and trackers (``logging_dir`` holds what those that write
+    files write), for the processes the launcher started.
 
     accelerate keeps one process-wide state and refuses a second precision. In a single process nothing
     else depends on that state, so it is reset; in a distributed run the launch decides and it is kept.
@@ -25,7 +29,8 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != mixed_precision and process_state().num_processes == 1:
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_cpu_launch())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_cpu_launch(), log_with=list(trackers) or None,
+                              project_config=ProjectConfiguration(logging_dir=str(logging_dir)) if trackers else None)
     check_launch(launched, accelerator.num_processes, str(accelerator.distributed_type))
     refuse_sharding(accelerator.distributed_type)
     if mixed_precision == "fp16" and accelerator.device.type == "cpu":

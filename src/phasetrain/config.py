@@ -197,6 +197,37 @@ class CheckpointConfig(Section):
     mode: Literal["min", "max"] = "min"
 
 
+#: The trackers accelerate can log to, by its names (``accelerate.utils.LoggerType`` without ``all``: a run logs
+#: to the trackers its config names, not to whatever happens to be installed).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+class TrackingConfig(Section):
+    """Experiment trackers, through accelerate's: every record of ``metrics.jsonl`` is logged to each, from
+    the main process, at its optimizer step. A tracker whose package is not installed is an error."""
+
+    log_with: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description=f"trackers to log to: {', '.join(TRACKERS)}")
+    project: str = Field("phasetrain", min_length=1, description="the tracker's project (TensorBoard: a folder in "
+                         "RUN_DIR/tracking; MLflow: the experiment)")
+    run_name: str | None = Field(None, min_length=1, description="the run's name in the tracker; default: "
+                                 "run_dir's folder name")
+    init_kwargs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per tracker, keyword arguments for its start, e.g. {wandb: {entity: me}}")
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _kwargs_for_named_trackers(self) -> TrackingConfig:
+        unused = sorted(set(self.init_kwargs) - set(self.log_with))
+        if unused:
+            raise ValueError(f"init_kwargs for {', '.join(unused)}, which log_with does not name ({self.log_with})")
+        return self
+
+
 class RunConfig(Section):
     """Everything a run needs; written to ``RUN_DIR/config.yaml`` so the folder alone can repeat the run."""
 
@@ -213,6 +244,7 @@ class RunConfig(Section):
     phases: list[PhaseSpec] = Field(default_factory=list, description="custom phases added to the graph")
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("seed")
     @classmethod

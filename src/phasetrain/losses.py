@@ -55,6 +55,7 @@ class TrainLoss:
         self.epoch = 0
         self._sum = LossSum(0.0, device)
         self.samples = 0
+        self.trained = 0  # samples of every epoch this process trained, for throughput; not saved
         self._read_sum, self._read_samples = 0.0, 0  # sum and samples at the last step record
         self.step_loss = torch.zeros((), device=device)
         self._step: list[tuple[torch.Tensor, int]] = []  # this optimizer step's micro-batches, not yet summed
@@ -88,6 +89,7 @@ class TrainLoss:
         for micro_batch_loss, batch_size in self._step:
             self._sum.add(micro_batch_loss, batch_size)
             self.samples += batch_size
+            self.trained += batch_size
         self._step.clear()
         self._dropped = False
 

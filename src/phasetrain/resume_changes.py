@@ -15,13 +15,13 @@ from phasetrain.errors import ConfigError
 #: Dotted keys (or prefixes ending in ".") a resume may change.
 APPLICABLE = ("train.epochs", "train.max_steps", "train.max_grad_value", "train.log_every_steps", "train.progress_bar", "train.num_workers",
               "train.eval_batch_size", "train.eval_every", "train.max_grad_norm", "train.nonfinite_loss",
-              "checkpoint.", "optimizer.args.", "metrics", "callbacks")
+              "checkpoint.", "optimizer.args.", "metrics", "callbacks", "tracking")
 
 #: Optimizer hyperparameters a scheduler may set every step (OneCycleLR and CyclicLR cycle the momentum too).
 SCHEDULED = ("lr", "momentum", "betas")
 
 #: Changes that cannot change the trained weights.
-NO_EFFECT = ("train.log_every_steps", "train.progress_bar", "checkpoint.")
+NO_EFFECT = ("train.log_every_steps", "train.progress_bar", "checkpoint.", "tracking")
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

@@ -68,6 +68,11 @@ class RunFolder:
         return self.path / "checkpoints"
 
     @property
+    def tracking(self) -> pathlib.Path:
+        """What trackers that write files (TensorBoard) write; see ``phasetrain.tracking``."""
+        return self.path / "tracking"
+
+    @property
     def graph_file(self) -> pathlib.Path:
         return self.path / "graph.json"
 
@@ -81,7 +86,7 @@ class RunFolder:
 
     def _run_files(self) -> tuple[pathlib.Path, ...]:
         return (self.config_file, self.metrics, self.final_weights, self.checkpoints, self.graph_file,
-                self.best_weights, self.ema_weights)
+                self.best_weights, self.ema_weights, self.tracking)
 
     def claim(self, config: RunConfig, graph: str) -> None:
         """Create the folder for a new run and write its recipe; refuse one that holds a run."""

@@ -49,6 +49,8 @@ from phasetrain.run_folder import RunFolder
 from phasetrain.signals import RunInterrupted, StopSignals
 from phasetrain.state import RunState
 from phasetrain.steps import TrainerSteps
+from phasetrain.timing import PhaseClock, Throughput
+from phasetrain.tracking import TrackerLog, tracker_names
 
 #: Methods that do the run's bookkeeping, and what to override or use instead.
 NOT_OVERRIDABLE = {
@@ -83,7 +85,9 @@ class Trainer(TrainerSteps):
         given = {"model": model, "loss_fn": loss_fn, "optimizer": optimizer, "train_data": train_data,
                  "eval_data": eval_data, "metrics": metrics, "collate_fn": collate_fn}
         self._objects = sorted(name for name, obj in given.items() if obj is not None)  # what config.yaml lacks
-        self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision)
+        trackers = tracker_names(cfg.tracking, cfg.train.fast_dev_run)
+        self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision, trackers,
+                                                          RunFolder(pathlib.Path(cfg.run_dir)).tracking)
         set_seed(cfg.seed)  # before the model is built, so its initial weights follow the seed
         parts = build_components(cfg, model=model, loss_fn=loss_fn, optimizer=optimizer, train_data=train_data,
                                  eval_data=eval_data, metrics=metrics)
@@ -109,6 +113,9 @@ class Trainer(TrainerSteps):
         self._monitor = MonitorValue(cfg.checkpoint.monitor)
         self._scheduler_stepping = scheduler_stepping(self.scheduler, self.config.scheduler)
         self._bookkeeping = bookkeeping_callbacks(self._monitor, self.scheduler, self._scheduler_stepping)
+        if trackers:
+            self._bookkeeping.append(TrackerLog(accelerator, cfg.tracking, self.run_folder.tracking,
+                                                 self.run_folder.path.name, cfg.to_dict()))
         defaults = self.default_callbacks()
         self.callbacks = self._callback_list(with_callbacks(defaults, parts.callbacks + list(callbacks or []), defaults))
         if cfg.checkpoint.keep_best:
@@ -119,6 +126,8 @@ class Trainer(TrainerSteps):
                                         self.run_folder.best_weights)
         self._signals = StopSignals(accelerator)
         self._train_loss = TrainLoss(accelerator.device)
+        self._phase_clock = PhaseClock()
+        self._epoch_rate, self._step_rate = Throughput(accelerator.num_processes), Throughput(accelerator.num_processes)
         self._direct = direct_steps(accelerator)
         self._step_optimizer = self.optimizer.optimizer if self._direct else self.optimizer
         self._started = False
@@ -297,7 +306,8 @@ class Trainer(TrainerSteps):
                 if not self.state.phase_complete:
                     self.machine.graph.phases[self.state.phase].run(self)
                     self.state.phase_complete = True
-                if self.state.phase == LAST:
+                if self.state.phase == LAST:  # final: entered, never exited
+                    self._log_visit()
                     break
                 self._signals.agree(self.state)
                 if self._signals.signal_pending:
@@ -312,10 +322,15 @@ class Trainer(TrainerSteps):
             self.machine.release(walker)
 
     def _entered(self, phase: str, edge: Edge | None) -> None:
+        self._phase_clock.enter()
+        if phase == EPOCH:  # throughput spans start here, whoever's train_epoch runs
+            self._epoch_rate.start(self._train_loss.trained, self.state.optimizer_step)
+            self._step_rate.start(self._train_loss.trained, self.state.optimizer_step)
         self.callbacks.fire(f"on_enter_{phase}", self)
 
     def _exited(self, phase: str) -> None:
         self.callbacks.fire(f"on_exit_{phase}", self)
+        self._log_visit()
         # A stop requested by an exit hook on one process decides this very move on all of them (a signal that
         # came in meanwhile waits for the check after the next phase).
         self._signals.agree(self.state)
@@ -325,11 +340,24 @@ class Trainer(TrainerSteps):
         With several processes, a stop one of them requests ends every one of them there."""
         self.state.request_stop(reason)
 
-    def log(self, metrics: Mapping[str, float], kind: str = "epoch") -> None:
-        """Send a record (``phase``, ``epoch``, ``step``, ``kind`` and ``metrics``) to every ``on_log`` hook."""
+    def log(self, metrics: Mapping[str, float], kind: str = "epoch", *, time: Mapping[str, float] | None = None) -> None:
+        """Send a record (``phase``, ``epoch``, ``step``, ``kind`` and ``metrics``) to every ``on_log`` hook.
+
+        ``time`` (seconds, rates: see ``phasetrain.timing``) goes in the record's ``"time"`` entry, apart from
+        the metrics, which a resumed run reproduces bitwise while times differ on every run."""
         state = self.state
-        self.callbacks.fire("on_log", self, {"phase": state.phase, "epoch": state.epoch,
-                                             "step": state.optimizer_step, "kind": kind, **metrics})
+        record = {"phase": state.phase, "epoch": state.epoch, "step": state.optimizer_step, "kind": kind, **metrics}
+        if time is not None:
+            record["time"] = dict(time)
+        self.callbacks.fire("on_log", self, record)
+
+    def _log_visit(self) -> None:
+        """The phase visit that is ending, as a ``kind: "phase"`` record: its start and seconds."""
+        self.log({}, kind="phase", time=self._phase_clock.visit())
+
+    def _rate(self, span: Throughput) -> dict[str, float]:
+        """Throughput since ``span`` started; called just after a record's loss was read (the device is in sync)."""
+        return span.read(self._train_loss.trained, self.state.optimizer_step)
 
     def save_checkpoint(self, phase_finished: bool = False) -> pathlib.Path:
         """Write a checkpoint of the whole run now (at an optimizer-step boundary); returns its folder.
@@ -411,9 +439,10 @@ class Trainer(TrainerSteps):
         if state.micro_step:  # an iterable dataset ended inside an accumulation group
             self._update_weights(skip=not self._step_loss_is_finite(state.micro_step))
         if state.optimizer_step > state.epoch_start_step:
-            self.log({"train/loss": self._train_loss.epoch_mean(self._sum_over_processes), "train/lr": self._lr()})
+            loss = self._train_loss.epoch_mean(self._sum_over_processes)  # syncs: the clock reads true time
+            self.log({"train/loss": loss, "train/lr": self._lr()}, time=self._rate(self._epoch_rate))
         else:  # stopped before its first step: no loss to report (a 0 would read as a perfect one)
-            self.log({"train/lr": self._lr()})
+            self.log({"train/lr": self._lr()}, time=self._rate(self._epoch_rate))
         self.train_epoch_end()
 
     def _step_loss_is_finite(self, micro_batches: int) -> bool:
@@ -468,7 +497,8 @@ class Trainer(TrainerSteps):
         self.callbacks.fire("on_train_step_end", self, loss)
         every = self.config.train.log_every_steps
         if every and state.optimizer_step % every == 0:  # a device sync, once per log_every_steps
-            self.log({"train/loss": self._train_loss.mean_since_last_read(), "train/lr": self._lr()}, kind="step")
+            mean = self._train_loss.mean_since_last_read()  # the clock is read after it: the device is in sync
+            self.log({"train/loss": mean, "train/lr": self._lr()}, kind="step", time=self._rate(self._step_rate))
         # Several processes agreed before this step's update (_step_loss_is_finite); one process, or a
         # train_epoch of your own that does not call that check, agrees now.
         if self._agreed_before_step != state.optimizer_step:
