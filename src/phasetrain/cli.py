@@ -1,4 +1,4 @@
-"""The command line: ``phasetrain run | resume | graph | plan`` (also ``python -m phasetrain``).
+"""The command line: ``phasetrain run | resume | graph | plan | plot | report`` (also ``python -m phasetrain``).
 
 Errors of the user's input or machine (a bad config, a full disk, a busy run folder) print one
 ``phasetrain: error: ...`` line and exit 2; a stop signal exits 130 (SIGINT) or 143 (SIGTERM) after its
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan}
+    commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan, "plot": _plot,
+                        "report": _report}
     with warnings.catch_warnings(), _signals_caught_early(args.command in ("run", "resume")):
         warnings.showwarning = _show_warning
         try:
@@ -86,6 +87,20 @@ def _parser() -> argparse.ArgumentParser:
                                            "the data (for the step count), but no model, optimizer or Accelerator.")
     plan.add_argument("source", type=pathlib.Path, help="a YAML/JSON config, or a run folder")
     plan.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.epochs=6")
+    plot = commands.add_parser("plot", help="draw a run's curves and phase timeline (needs phasetrain[plot])",
+                               description="Draw loss and metric curves by optimizer step (step and epoch records, "
+                                           "train and eval on shared axes) and the phase timeline, with matplotlib.")
+    plot.add_argument("run_dir", type=pathlib.Path, help="the run folder (holds metrics.jsonl)")
+    plot.add_argument("-o", "--output", type=pathlib.Path, default=None,
+                      help="image file, .png/.svg/.pdf (default: RUN_DIR/curves.png)")
+    plot.add_argument("--metrics", default=None, metavar="NAME,...",
+                      help="only these curves, as named in metrics.jsonl (e.g. eval/loss,eval/accuracy)")
+    report = commands.add_parser("report", help="write a run's report: one self-contained HTML page",
+                                 description="Write one HTML page (no network, no script) with the run's config, "
+                                             "phase graph, curves, phase timeline, checkpoints and final metrics.")
+    report.add_argument("run_dir", type=pathlib.Path, help="the run folder")
+    report.add_argument("-o", "--output", type=pathlib.Path, default=None,
+                        help="the HTML file (default: RUN_DIR/report.html)")
     return parser
 
 
@@ -216,6 +231,33 @@ def _plan(args: argparse.Namespace) -> int:
     ensure_importable_cwd()
     print(plan_source(args.source, args.overrides))
     return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from phasetrain.plot import plot_run
+    output = _output(args.run_dir, args.output, "curves.png")
+    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
+    plot_run(args.run_dir, output, metrics)
+    print(f"wrote {output}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from phasetrain.report import write_report
+    output = _output(args.run_dir, args.output, "report.html")
+    write_report(args.run_dir, output)
+    print(f"wrote {output}")
+    return 0
+
+
+def _output(run_dir: pathlib.Path, given: pathlib.Path | None, default_name: str) -> pathlib.Path:
+    from phasetrain.errors import RunDirError
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a folder: give the folder of a run (its run_dir)")
+    output = given or run_dir / default_name
+    if not output.parent.is_dir():
+        raise RunDirError(f"cannot write {output}: folder {output.parent} does not exist")
+    return output
 
 
 def _signals_caught_early(training: bool) -> AbstractContextManager[None]:

@@ -1,0 +1,240 @@
+"""``phasetrain report RUN_DIR``: one self-contained HTML page of a run. No network, no script: the curves
+and the phase timeline are inline SVG drawn here, the phase graph is Graphviz's SVG (the phase the run is in
+or stopped in highlighted; without Graphviz, its Mermaid text).
+
+Sections, in order: where the run stands, final metrics, curves, where the time went, phase graph,
+checkpoints, config. Reads the run folder only (``metrics.jsonl``, ``config.yaml``, ``graph.json``,
+``checkpoints/``); imports no torch and runs none of the config's code.
+"""
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import math
+import pathlib
+from typing import Any
+
+import yaml
+
+from phasetrain.curves import PHASE_COLOURS, Panel, Visit, curves, read_records, seconds_per_phase
+from phasetrain.errors import PhasetrainError
+from phasetrain.graph import FIRST
+from phasetrain.run_folder import RunFolder, read_latest
+
+#: Line colours, in the order of a panel's curves.
+COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#9c755f", "#edc948")
+
+STYLE = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 980px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
+.status { color: #555; } table { border-collapse: collapse; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 0.25em 0.7em; text-align: left; } th { background: #f4f4f4; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; } tr.best td { background: #eef7ee; font-weight: 600; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; } svg { display: block; margin: 0.4em 0; max-width: 100%; height: auto; }
+"""
+
+
+def write_report(run_dir: pathlib.Path, output: pathlib.Path) -> pathlib.Path:
+    """Write the report of the run in ``run_dir`` to ``output``; returns ``output``."""
+    from phasetrain.run_folder import atomic_write_text
+    atomic_write_text(output, report_html(run_dir))
+    return output
+
+
+def report_html(run_dir: pathlib.Path) -> str:
+    folder = RunFolder(run_dir)
+    if not folder.config_file.is_file():
+        raise PhasetrainError(f"{run_dir} is not a run folder: it has no {folder.config_file.name}")
+    drawn = curves(read_records(run_dir))
+    config = yaml.safe_load(folder.config_file.read_text())
+    sections = [
+        ("Final metrics", _final_metrics(drawn.final)),
+        ("Curves", "\n".join(svg_chart(panel) for panel in drawn.panels) or "<p>No records yet.</p>"),
+        ("Where the time went", _time(drawn.visits)),
+        ("Phase graph", _graph(folder)),
+        ("Checkpoints", _checkpoints(folder, config.get("checkpoint", {}))),
+        ("Config", f"<pre>{html.escape(folder.config_file.read_text())}</pre>"),
+    ]
+    body = "\n".join(f'<section id="{_anchor(title)}">\n<h2>{title}</h2>\n{content}\n</section>'
+                     for title, content in sections)
+    made = datetime.datetime.now().isoformat(timespec="seconds")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>phasetrain run {html.escape(folder.path.name)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"<h1>Run {html.escape(folder.path.name)}</h1>\n"
+            f'<p class="status">{html.escape(folder.describe_position())}. Report made {made}.</p>\n'
+            f"{body}\n</body>\n</html>\n")
+
+
+def _anchor(title: str) -> str:
+    return title.lower().replace(" ", "-")
+
+
+def _final_metrics(final: dict[str, float]) -> str:
+    if not final:
+        return "<p>No epoch has ended yet.</p>"
+    rows = "".join(f'<tr><td>{html.escape(name)}</td><td class="number">{value:.6g}</td></tr>'
+                   for name, value in final.items())
+    return f"<table><tr><th>metric</th><th>last value</th></tr>{rows}</table>"
+
+
+def _time(visits: list[Visit]) -> str:
+    if not visits:
+        return "<p>No phase has ended yet.</p>"
+    totals = seconds_per_phase(visits)
+    whole = sum(totals.values()) or 1.0
+    rows = "".join(f'<tr><td>{html.escape(phase)}</td><td class="number">{seconds:.2f} s</td>'
+                   f'<td class="number">{100 * seconds / whole:.0f}%</td></tr>'
+                   for phase, seconds in sorted(totals.items(), key=lambda item: -item[1]))
+    return (f"{svg_timeline(visits)}\n<table><tr><th>phase</th><th>time</th><th>share</th></tr>{rows}</table>")
+
+
+def _graph(folder: RunFolder) -> str:
+    from phasetrain import render
+    if not folder.graph_file.is_file():
+        return "<p>The run has no graph.json (it stopped before its setup finished).</p>"
+    graph, highlight = render.GraphView.read(folder.graph_file), folder.position()[0] or FIRST
+    try:
+        svg = render.render(graph, "svg", highlight)
+    except PhasetrainError as exc:  # no Graphviz: the Mermaid text still says it all
+        return (f"<p>{html.escape(str(exc))}. The graph in Mermaid, <b>{html.escape(highlight)}</b> "
+                f"highlighted:</p><pre>{html.escape(str(render.render(graph, 'mermaid', highlight)))}</pre>")
+    text = svg.decode() if isinstance(svg, bytes) else svg
+    return (f"<p>The phase the run is in or stopped in, <b>{html.escape(highlight)}</b>, is highlighted.</p>\n"
+            + text[text.index("<svg"):])
+
+
+def _checkpoints(folder: RunFolder, policy: dict[str, Any]) -> str:
+    latest = read_latest(folder.checkpoints)
+    rows = []
+    monitor, mode = policy.get("monitor", "eval/loss"), policy.get("mode", "min")
+    for checkpoint in sorted(folder.checkpoints.glob("epoch*")):
+        try:
+            saved = json.loads((checkpoint / "state.json").read_text())
+            state, value = saved["state"], saved.get("monitor")
+            rows.append((checkpoint.name, state["phase"], int(state["epoch"]), int(state["optimizer_step"]), value))
+        except (OSError, ValueError, KeyError, TypeError):
+            rows.append((checkpoint.name, "unreadable", -1, -1, None))
+    if not rows:
+        return "<p>No checkpoint is kept.</p>"
+    ranked = [row for row in rows if isinstance(row[4], int | float)]
+    best = (min if mode == "min" else max)(ranked, key=lambda row: row[4])[0] if ranked else None
+    lines = []
+    for name, phase, epoch, step, value in rows:
+        notes = [note for note, holds in (("latest", latest is not None and latest.name == name),
+                                          (f"best by {monitor} ({mode})", name == best)) if holds]
+        shown = f"{value:.6g}" if isinstance(value, int | float) else "not measured"
+        lines.append(f'<tr{" class=best" if name == best else ""}><td>{html.escape(name)}</td><td>{phase}</td>'
+                     f'<td class="number">{epoch}</td><td class="number">{step}</td><td class="number">{shown}</td>'
+                     f"<td>{', '.join(notes)}</td></tr>")
+    exported = (f"<p>The best checkpoint's weights are also in {folder.best_weights.name}.</p>"
+                if folder.best_weights.is_file() else "")
+    return (f"<table><tr><th>checkpoint</th><th>phase</th><th>epoch</th><th>step</th><th>{html.escape(monitor)}</th>"
+            f"<th></th></tr>{''.join(lines)}</table>{exported}")
+
+
+# ---- inline SVG -----------------------------------------------------------------------------------
+WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 900, 230, 64, 210, 24, 40
+
+
+def svg_chart(panel: Panel) -> str:
+    """One panel's curves as an SVG line chart: x the optimizer step, y the panel's unit, legend on the right."""
+    points = [point for series in panel.series for point in series.points]
+    x_low, x_high = _span([x for x, _ in points])
+    y_low, y_high = _span([y for _, y in points], pad=0.05)
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def x_at(x: float) -> float:
+        return LEFT + (x - x_low) / (x_high - x_low) * plot_w
+
+    def y_at(y: float) -> float:
+        return TOP + (y_high - y) / (y_high - y_low) * plot_h
+
+    parts = [_axes(x_low, x_high, y_low, y_high, x_at, y_at, "optimizer step", panel.unit)]
+    for index, series in enumerate(panel.series):
+        colour = COLOURS[index % len(COLOURS)]
+        path = " ".join(f"{x_at(x):.1f},{y_at(y):.1f}" for x, y in series.points)
+        width, opacity = ("1", "0.5") if series.per_step else ("2", "1")
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{width}" opacity="{opacity}" '
+                     f'points="{path}"><title>{html.escape(series.name)}</title></polyline>')
+        if not series.per_step:
+            parts += [f'<circle cx="{x_at(x):.1f}" cy="{y_at(y):.1f}" r="2.6" fill="{colour}">'
+                      f"<title>{html.escape(series.name)} at step {x}: {y:.6g}</title></circle>" for x, y in series.points]
+        legend_y = TOP + 14 + 16 * index
+        parts.append(f'<line x1="{WIDTH - RIGHT + 14}" y1="{legend_y - 4}" x2="{WIDTH - RIGHT + 34}" y2="{legend_y - 4}" '
+                     f'stroke="{colour}" stroke-width="{width}" opacity="{opacity}"/>'
+                     f'<text x="{WIDTH - RIGHT + 40}" y="{legend_y}">{html.escape(series.name)}</text>')
+    return _svg(f"curves: {panel.unit}", parts)
+
+
+def svg_timeline(visits: list[Visit]) -> str:
+    """Each phase visit as a bar in its phase's row, x the seconds since the run's first visit started."""
+    phases = list(dict.fromkeys(visit.phase for visit in visits))
+    end = max(visit.start + visit.seconds for visit in visits)
+    row_h, top = 22, TOP
+    height = top + row_h * len(phases) + BOTTOM
+    plot_w = WIDTH - LEFT - RIGHT + 80
+
+    def x_at(seconds: float) -> float:
+        return LEFT + 40 + seconds / (end or 1.0) * plot_w
+
+    parts = []
+    for row, phase in enumerate(phases):
+        y = top + row * row_h
+        colour = PHASE_COLOURS[row % len(PHASE_COLOURS)]
+        parts.append(f'<text x="{LEFT + 34}" y="{y + 15}" text-anchor="end">{html.escape(phase)}</text>')
+        parts += [f'<rect x="{x_at(v.start):.1f}" y="{y + 3}" width="{max(v.seconds / (end or 1.0) * plot_w, 1):.1f}" '
+                  f'height="{row_h - 6}" fill="{colour}"><title>{html.escape(phase)}, epoch {v.epoch}: '
+                  f"{v.seconds:.3f} s</title></rect>" for v in visits if v.phase == phase]
+    base = top + row_h * len(phases)
+    parts.append(f'<line x1="{x_at(0):.1f}" y1="{base}" x2="{x_at(end):.1f}" y2="{base}" stroke="#888"/>')
+    for tick in _ticks(0.0, end):
+        parts.append(f'<text x="{x_at(tick):.1f}" y="{base + 16}" text-anchor="middle">{tick:.3g}</text>')
+    parts.append(f'<text x="{x_at(end / 2):.1f}" y="{base + 34}" text-anchor="middle">seconds since the run '
+                 "started</text>")
+    return _svg("phase timeline", parts, height)
+
+
+def _svg(title: str, parts: list[str], height: int = HEIGHT) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" '
+            f'font-family="Helvetica, Arial, sans-serif" font-size="11" role="img" aria-label="{html.escape(title)}">'
+            f"<title>{html.escape(title)}</title>{''.join(parts)}</svg>")
+
+
+def _axes(x_low: float, x_high: float, y_low: float, y_high: float, x_at: Any, y_at: Any, x_label: str,
+          y_label: str) -> str:
+    bottom, right = HEIGHT - BOTTOM, WIDTH - RIGHT
+    parts = [f'<rect x="{LEFT}" y="{TOP}" width="{right - LEFT}" height="{bottom - TOP}" fill="none" stroke="#888"/>']
+    for tick in _ticks(y_low, y_high):
+        y = y_at(tick)
+        parts.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#eee"/>'
+                     f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.4g}</text>')
+    for tick in _ticks(x_low, x_high):
+        x = x_at(tick)
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{tick:.6g}</text>')
+    parts.append(f'<text x="{(LEFT + right) / 2}" y="{HEIGHT - 6}" text-anchor="middle">{x_label}</text>'
+                 f'<text x="14" y="{(TOP + bottom) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(TOP + bottom) / 2})">{html.escape(y_label)}</text>')
+    return "".join(parts)
+
+
+def _span(values: list[float], pad: float = 0.0) -> tuple[float, float]:
+    low, high = min(values), max(values)
+    if high == low:
+        margin = abs(low) * 0.1 or 1.0
+        return low - margin, high + margin
+    margin = (high - low) * pad
+    return low - margin, high + margin
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round values (1, 2, 2.5 or 5 times a power of ten apart) from ``low`` to ``high``, about ``count`` of them."""
+    if high <= low:
+        return [low]
+    rough = (high - low) / (count - 1)
+    power = 10 ** math.floor(math.log10(rough))
+    step = next(power * factor for factor in (1, 2, 2.5, 5, 10) if power * factor >= rough)
+    first = math.ceil(low / step - 1e-9) * step
+    return [first + step * index for index in range(int((high - first) / step + 1e-9) + 1)]
+
