@@ -266,12 +266,12 @@ class ConsoleSummary(Callback):
 
 
 def time_per_phase(seconds: dict[str, float]) -> str:
-    """``time per phase: train_epoch 81% (12.3 s), eval_epoch 12% (1.8 s), ...``, largest first."""
+    """``time per phase: train_epoch 81% (12.31 s), eval_epoch 12% (1.80 s), ...``, largest first."""
     total = sum(seconds.values())
     if total <= 0:
         return "time per phase: none measured"
     shares = sorted(seconds.items(), key=lambda item: -item[1])
-    return "time per phase: " + ", ".join(f"{phase} {100 * s / total:.0f}% ({s:.1f} s)" for phase, s in shares)
+    return "time per phase: " + ", ".join(f"{phase} {100 * s / total:.0f}% ({s:.2f} s)" for phase, s in shares)
 
 
 class HistoryRecorder(Callback):

@@ -209,7 +209,7 @@ def _axes(x_low: float, x_high: float, y_low: float, y_high: float, x_at: Any, y
     for tick in _ticks(y_low, y_high):
         y = y_at(tick)
         parts.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.4g}</text>')
+                     f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_number(tick)}</text>')
     for tick in _ticks(x_low, x_high):
         x = x_at(tick)
         parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{tick:.6g}</text>')
@@ -217,6 +217,10 @@ def _axes(x_low: float, x_high: float, y_low: float, y_high: float, x_at: Any, y
                  f'<text x="14" y="{(TOP + bottom) / 2}" text-anchor="middle" '
                  f'transform="rotate(-90 14 {(TOP + bottom) / 2})">{html.escape(y_label)}</text>')
     return "".join(parts)
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def _span(values: list[float], pad: float = 0.0) -> tuple[float, float]:
