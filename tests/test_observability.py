@@ -177,6 +177,27 @@ def test_a_resume_may_start_logging_to_a_tracker(tmp_path: pathlib.Path) -> None
     assert [step for step, _ in scalars(tmp_path / "run")["eval/loss"]] == [80]  # from the resume on
 
 
+def test_a_resume_may_stop_logging_to_a_tracker_without_a_word_about_it(tmp_path: pathlib.Path) -> None:
+    config = digits_config(tmp_path / "run", checkpoint={"every_epochs": 1}, **TENSORBOARD)
+    with pytest.raises(Crash):
+        quiet_run(Trainer(config, callbacks=[CrashAt(step=45)]))
+    with pytest.warns(UserWarning) as caught:
+        quiet_run(Trainer(config.with_overrides(["tracking.log_with=[]"])), resume="latest")
+    assert [str(w.message).split(":")[0] for w in caught] == ["resuming with config changes, applied from here on"]
+
+
+def test_a_checkpoint_of_another_run_folder_starts_new_tracker_runs(tmp_path: pathlib.Path) -> None:
+    # The checkpoint's tracker state (run ids, the points of its last step) belongs to the other folder's runs.
+    config = digits_config(tmp_path / "a", checkpoint={"every_epochs": 1}, **TENSORBOARD)
+    with pytest.raises(Crash):
+        quiet_run(Trainer(config, callbacks=[CrashAt(step=45)]))
+    checkpoint = next((tmp_path / "a" / "checkpoints").glob("epoch001*"))
+    other = Trainer(config.with_overrides([f"run_dir={tmp_path / 'b'}"]))
+    with pytest.warns(UserWarning, match="metrics.jsonl was missing: rebuilt from the checkpoint"):
+        quiet_run(other, resume=str(checkpoint), from_other_run=True)
+    assert [step for step, _ in scalars(tmp_path / "b")["eval/loss"]] == [80]  # not the other run's step-40 point
+
+
 def test_the_console_shows_each_epochs_rate_and_phase_times_and_where_the_time_went(tmp_path: pathlib.Path) -> None:
     output = quiet_run(Trainer(digits_config(tmp_path / "run", checkpoint={"every_epochs": 1})))
     epoch_lines = [line for line in output.splitlines() if line.startswith("epoch ")]
@@ -194,7 +215,7 @@ def test_the_console_shows_each_epochs_rate_and_phase_times_and_where_the_time_w
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     run_dir = tmp_path_factory.mktemp("observed") / "run"
     config = digits_config(run_dir, train={"epochs": 3, "log_every_steps": 10},
-                           checkpoint={"every_epochs": 1, "keep_last": 1, "keep_best": 1, "monitor": "eval/accuracy",
+                           checkpoint={"every_epochs": 1, "keep_last": 3, "keep_best": 1, "monitor": "eval/accuracy",
                                        "mode": "max"})
     quiet_run(Trainer(config))
     return run_dir
@@ -243,12 +264,28 @@ def test_plot_without_matplotlib_says_how_to_install_it(finished_run: pathlib.Pa
     (["report", "{tmp}"], "is not a run folder"),
     (["plot", "{run}", "--metrics", "eval/accuracy,eval/los"], "no metric eval/los in the run's records (did you mean"),
     (["report", "{run}", "-o", "{tmp}/no/report.html"], "folder {tmp}/no does not exist"),
+    (["report", "{run}", "-o", "{tmp}"], "-o {tmp} is a folder: give a file name"),
+    (["plot", "{run}", "-o", "{tmp}/curves.txt"], "the file name must end in .png, .svg, .pdf"),
+    (["plot", "{tmp}"], "is not a run folder (it has no config.yaml or metrics.jsonl)"),
 ])
 def test_bad_plot_and_report_input_is_one_line(finished_run: pathlib.Path, tmp_path: pathlib.Path, args: list[str],
                                                message: str) -> None:
     result = run_cli(*[arg.format(tmp=tmp_path, run=finished_run) for arg in args])
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert message.format(tmp=tmp_path) in result.stderr
+
+
+def test_a_run_that_logged_nothing_yet_has_a_report_and_no_plot(finished_run: pathlib.Path,
+                                                                 tmp_path: pathlib.Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(finished_run / "config.yaml", run_dir)  # claimed, killed before its setup ended
+    result = run_cli("plot", str(run_dir))
+    assert result.returncode == 2 and "has no records yet (no phase has ended): nothing to plot" in result.stderr
+    result = run_cli("report", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    page = (run_dir / "report.html").read_text()
+    assert "No epoch has ended yet." in page and "No phase has ended yet." in page
 
 
 # ---- report ----------------------------------------------------------------------------------------
@@ -265,6 +302,7 @@ def test_the_report_is_one_self_contained_page(finished_run: pathlib.Path, tmp_p
     best = next(line for line in page.split("<tr") if "best by eval/accuracy (max)" in line)
     kept = sorted(p.name for p in (finished_run / "checkpoints").glob("epoch*"))
     accuracies = [json.loads((finished_run / "checkpoints" / name / "state.json").read_text())["monitor"] for name in kept]
+    assert len(set(accuracies)) == 3  # the best by max is not the best by min
     assert kept[accuracies.index(max(accuracies))] in best
     final = [r for r in records(finished_run) if r["kind"] == "epoch"][-1]
     assert f"{final['test/accuracy']:.6g}" in page
@@ -279,7 +317,8 @@ def test_the_reports_graph_highlights_the_phase_the_run_stopped_in(tmp_path: pat
     with pytest.raises(Crash):
         quiet_run(Trainer(config, callbacks=[CrashAt(step=12)]))
     graph = report_html(tmp_path / "run").split('<section id="phase-graph">')[1].split("</section>")[0]
-    assert "<b>train_epoch</b>, is highlighted" in graph
+    assert "Highlighted: <b>train_epoch</b>, the phase of the run's latest checkpoint" in graph
+    assert "The last phase that ended: setup of epoch 0." in graph
     node = graph.split("<title>train_epoch</title>")[1].split("</g>")[0]  # Graphviz's group for the node
     assert 'fill="#ffcc80"' in node and graph.count('fill="#ffcc80"') == 1
 

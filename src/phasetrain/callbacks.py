@@ -47,7 +47,9 @@ class Callback:
       ``batch_size``): train metrics need no override
     - ``on_train_step_end(trainer, loss)``: after the optimizer step; ``loss`` is a detached tensor
     - ``on_eval_step_start(trainer)`` / ``on_eval_step_end(trainer, batch, batch_output)``
-    - ``on_log(trainer, record)``: a metrics record ``{"phase", "epoch", "step", "kind", "train/loss", ...}``
+    - ``on_log(trainer, record)``: a record ``{"phase", "epoch", "step", "kind", ...}``: ``kind`` is
+      ``"step"`` or ``"epoch"`` (with metrics such as ``"train/loss"``), or ``"phase"`` (a phase visit that
+      ended, no metrics); step, train epoch and phase records carry a ``"time"`` mapping (seconds, rates)
     - ``on_exception(trainer, exception)``: the run is ending with ``exception`` (a stop signal's
       ``RunInterrupted`` included), instead of ``on_run_end``
 
@@ -267,11 +269,10 @@ class ConsoleSummary(Callback):
 
 def time_per_phase(seconds: dict[str, float]) -> str:
     """``time per phase: train_epoch 81% (12.31 s), eval_epoch 12% (1.80 s), ...``, largest first."""
-    total = sum(seconds.values())
-    if total <= 0:
+    from phasetrain.timing import shares
+    if not seconds:
         return "time per phase: none measured"
-    shares = sorted(seconds.items(), key=lambda item: -item[1])
-    return "time per phase: " + ", ".join(f"{phase} {100 * s / total:.0f}% ({s:.2f} s)" for phase, s in shares)
+    return "time per phase: " + ", ".join(f"{phase} {share:.0f}% ({s:.2f} s)" for phase, s, share in shares(seconds))
 
 
 class HistoryRecorder(Callback):

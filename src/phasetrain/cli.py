@@ -235,7 +235,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from phasetrain.plot import plot_run
-    output = _output(args.run_dir, args.output, "curves.png")
+    output = _output(args.run_dir, args.output, "curves.png", (".png", ".svg", ".pdf"))
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     plot_run(args.run_dir, output, metrics)
     print(f"wrote {output}")
@@ -244,17 +244,23 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from phasetrain.report import write_report
-    output = _output(args.run_dir, args.output, "report.html")
+    output = _output(args.run_dir, args.output, "report.html", (".html", ".htm"))
     write_report(args.run_dir, output)
     print(f"wrote {output}")
     return 0
 
 
-def _output(run_dir: pathlib.Path, given: pathlib.Path | None, default_name: str) -> pathlib.Path:
+def _output(run_dir: pathlib.Path, given: pathlib.Path | None, default_name: str,
+            suffixes: tuple[str, ...]) -> pathlib.Path:
+    """Where a command that reads ``run_dir`` writes its file: ``given``, else ``run_dir/default_name``."""
     from phasetrain.errors import RunDirError
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a folder: give the folder of a run (its run_dir)")
     output = given or run_dir / default_name
+    if output.is_dir():
+        raise RunDirError(f"-o {output} is a folder: give a file name, e.g. {output / default_name}")
+    if output.suffix.lower() not in suffixes:
+        raise RunDirError(f"-o {output}: the file name must end in {', '.join(suffixes)}")
     if not output.parent.is_dir():
         raise RunDirError(f"cannot write {output}: folder {output.parent} does not exist")
     return output

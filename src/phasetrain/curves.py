@@ -15,8 +15,8 @@ from typing import Any
 
 from phasetrain.errors import RunDirError
 
-#: One colour per phase, the same in the plot and the report.
-PHASE_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f")
+#: The colours of the plot and the report: a panel's metrics, or the phases of the timeline, in order.
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#9c755f", "#edc948")
 
 #: The name of the throughput curve (from the records' ``time.samples_per_s``).
 RATE = "train/samples/s"
@@ -27,6 +27,7 @@ class Series:
     name: str  # as in the records: "eval/loss"; step records' curves end in " (steps)"
     points: list[tuple[int, float]]  # (optimizer step, value)
     per_step: bool = False
+    colour: str = PALETTE[0]  # a metric's step and epoch curves share it
 
 
 @dataclass
@@ -51,11 +52,14 @@ class Curves:
 
 
 def read_records(run_dir: pathlib.Path) -> list[dict[str, Any]]:
-    """The records of ``RUN_DIR/metrics.jsonl``; a line a kill cut short (the last one) is skipped."""
+    """The records of ``RUN_DIR/metrics.jsonl``; a line a kill cut short (the last one) is skipped. A run
+    folder (it has ``config.yaml``) without the file has logged nothing yet."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        state = "is not a folder" if not run_dir.is_dir() else "has no metrics.jsonl (the run logged nothing yet)"
-        raise RunDirError(f"{run_dir} {state}: give the folder of a run (its run_dir)")
+        if (run_dir / "config.yaml").is_file():
+            return []
+        raise RunDirError(f"{run_dir} is not a run folder (it has no config.yaml or metrics.jsonl): give the "
+                          "folder of a run (its run_dir)")
     records = []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
@@ -94,10 +98,13 @@ def curves(records: list[dict[str, Any]], metrics: list[str] | None = None) -> C
     panels: dict[str, Panel] = {}
     # Step curves first: thin, drawn under the epoch ones.
     every = [(name, points, True) for name, points in step.items()] + [(n, p, False) for n, p in epoch.items()]
+    colours: dict[str, dict[str, str]] = {}  # per panel, per metric
     for name, points, per_step in every:
         unit = "samples/s" if name == RATE else name.rsplit("/", 1)[-1]
         label = f"{name} (steps)" if per_step else name
-        panels.setdefault(unit, Panel(unit)).series.append(Series(label, points, per_step))
+        in_panel = colours.setdefault(unit, {})
+        colour = in_panel.setdefault(name, PALETTE[len(in_panel) % len(PALETTE)])
+        panels.setdefault(unit, Panel(unit)).series.append(Series(label, points, per_step, colour))
     final = {name: points[-1][1] for name, points in epoch.items() if name != RATE}
     return Curves(sorted(panels.values(), key=_panel_order), visits(records), final)
 
@@ -121,3 +128,9 @@ def seconds_per_phase(timeline: list[Visit]) -> dict[str, float]:
     for visit in timeline:
         totals[visit.phase] = totals.get(visit.phase, 0.0) + visit.seconds
     return totals
+
+
+def phase_colours(timeline: list[Visit]) -> dict[str, str]:
+    """Each phase's colour, in the order the phases first ran."""
+    phases = dict.fromkeys(visit.phase for visit in timeline)
+    return {phase: PALETTE[index % len(PALETTE)] for index, phase in enumerate(phases)}

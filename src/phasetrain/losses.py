@@ -84,12 +84,13 @@ class TrainLoss:
     def end_step(self, loss: torch.Tensor) -> None:
         """Close an optimizer step: its micro-batches join the sums. A loop that added none (a
         ``train_epoch`` of your own) counts the step's loss once, so its step records still carry a loss."""
+        counted = bool(self._step)  # a stand-in for a loop that added none is no sample trained
         if not self._step and not self._dropped:
             self.add(loss.detach(), 1, 1, first_in_group=True)
         for micro_batch_loss, batch_size in self._step:
             self._sum.add(micro_batch_loss, batch_size)
             self.samples += batch_size
-            self.trained += batch_size
+            self.trained += batch_size if counted else 0
         self._step.clear()
         self._dropped = False
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING
 
-from phasetrain.curves import PHASE_COLOURS, Curves, curves, read_records
-from phasetrain.errors import ConfigError
+from phasetrain.curves import Curves, curves, phase_colours, read_records
+from phasetrain.errors import ConfigError, RunDirError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -28,15 +28,17 @@ def plot_run(run_dir: pathlib.Path, output: pathlib.Path, metrics: list[str] | N
     matplotlib.use("Agg")  # no display needed; a file is the output
     from matplotlib import pyplot
     drawn = curves(read_records(run_dir), metrics)
+    if not drawn.panels and not drawn.visits:
+        raise RunDirError(f"{run_dir} has no records yet (no phase has ended): nothing to plot")
     rows = len(drawn.panels) + (1 if drawn.visits else 0)
     figure, axes = pyplot.subplots(max(rows, 1), 1, figsize=(9, 2.6 * max(rows, 1)), squeeze=False)
     for ax, panel in zip(axes[:, 0], drawn.panels, strict=False):
         for series in panel.series:
             xs, ys = zip(*series.points, strict=True)
             if series.per_step:
-                ax.plot(xs, ys, linewidth=0.8, alpha=0.45, label=series.name)
+                ax.plot(xs, ys, color=series.colour, linewidth=0.8, alpha=0.45, label=series.name)
             else:
-                ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.6, label=series.name)
+                ax.plot(xs, ys, color=series.colour, marker="o", markersize=3, linewidth=1.6, label=series.name)
         ax.set_ylabel(panel.unit)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -51,10 +53,11 @@ def plot_run(run_dir: pathlib.Path, output: pathlib.Path, metrics: list[str] | N
 
 
 def _timeline(ax: Axes, drawn: Curves) -> None:
-    phases = list(dict.fromkeys(visit.phase for visit in drawn.visits))
+    colours = phase_colours(drawn.visits)
+    phases = list(colours)
     for row, phase in enumerate(phases):
         bars = [(visit.start, visit.seconds) for visit in drawn.visits if visit.phase == phase]
-        ax.broken_barh(bars, (row - 0.4, 0.8), color=PHASE_COLOURS[row % len(PHASE_COLOURS)])
+        ax.broken_barh(bars, (row - 0.4, 0.8), color=colours[phase])
     ax.set_yticks(range(len(phases)), phases)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the run started")

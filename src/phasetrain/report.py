@@ -17,13 +17,11 @@ from typing import Any
 
 import yaml
 
-from phasetrain.curves import PHASE_COLOURS, Panel, Visit, curves, read_records, seconds_per_phase
+from phasetrain.curves import Panel, Visit, curves, phase_colours, read_records, seconds_per_phase
 from phasetrain.errors import PhasetrainError
 from phasetrain.graph import FIRST
 from phasetrain.run_folder import RunFolder, read_latest
-
-#: Line colours, in the order of a panel's curves.
-COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#9c755f", "#edc948")
+from phasetrain.timing import shares
 
 STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 980px;
@@ -53,7 +51,7 @@ def report_html(run_dir: pathlib.Path) -> str:
         ("Final metrics", _final_metrics(drawn.final)),
         ("Curves", "\n".join(svg_chart(panel) for panel in drawn.panels) or "<p>No records yet.</p>"),
         ("Where the time went", _time(drawn.visits)),
-        ("Phase graph", _graph(folder)),
+        ("Phase graph", _graph(folder, drawn.visits)),
         ("Checkpoints", _checkpoints(folder, config.get("checkpoint", {}))),
         ("Config", f"<pre>{html.escape(folder.config_file.read_text())}</pre>"),
     ]
@@ -82,27 +80,35 @@ def _final_metrics(final: dict[str, float]) -> str:
 def _time(visits: list[Visit]) -> str:
     if not visits:
         return "<p>No phase has ended yet.</p>"
-    totals = seconds_per_phase(visits)
-    whole = sum(totals.values()) or 1.0
     rows = "".join(f'<tr><td>{html.escape(phase)}</td><td class="number">{seconds:.2f} s</td>'
-                   f'<td class="number">{100 * seconds / whole:.0f}%</td></tr>'
-                   for phase, seconds in sorted(totals.items(), key=lambda item: -item[1]))
+                   f'<td class="number">{share:.0f}%</td></tr>'
+                   for phase, seconds, share in shares(seconds_per_phase(visits)))
     return (f"{svg_timeline(visits)}\n<table><tr><th>phase</th><th>time</th><th>share</th></tr>{rows}</table>")
 
 
-def _graph(folder: RunFolder) -> str:
+def _graph(folder: RunFolder, visits: list[Visit]) -> str:
     from phasetrain import render
     if not folder.graph_file.is_file():
         return "<p>The run has no graph.json (it stopped before its setup finished).</p>"
-    graph, highlight = render.GraphView.read(folder.graph_file), folder.position()[0] or FIRST
+    graph, phase = render.GraphView.read(folder.graph_file), folder.position()[0]
+    highlight = phase or FIRST
+    if phase == "done":
+        said = "The run is finished: <b>done</b> is highlighted."
+    elif phase is None:
+        said = f"The run has no checkpoint yet: a resume starts it from <b>{FIRST}</b>, which is highlighted."
+    else:
+        said = (f"Highlighted: <b>{html.escape(phase)}</b>, the phase of the run's latest checkpoint, where "
+                "'phasetrain resume' continues it.")
+    ended = [visit for visit in visits if visit.phase != "done"]
+    if phase != "done" and ended:
+        said += f" The last phase that ended: {html.escape(ended[-1].phase)} of epoch {ended[-1].epoch}."
     try:
         svg = render.render(graph, "svg", highlight)
     except PhasetrainError as exc:  # no Graphviz: the Mermaid text still says it all
-        return (f"<p>{html.escape(str(exc))}. The graph in Mermaid, <b>{html.escape(highlight)}</b> "
-                f"highlighted:</p><pre>{html.escape(str(render.render(graph, 'mermaid', highlight)))}</pre>")
+        return (f"<p>{said}</p><p>{html.escape(str(exc))}. The graph in Mermaid:</p>"
+                f"<pre>{html.escape(str(render.render(graph, 'mermaid', highlight)))}</pre>")
     text = svg.decode() if isinstance(svg, bytes) else svg
-    return (f"<p>The phase the run is in or stopped in, <b>{html.escape(highlight)}</b>, is highlighted.</p>\n"
-            + text[text.index("<svg"):])
+    return f"<p>{said}</p>\n" + text[text.index("<svg"):]
 
 
 def _checkpoints(folder: RunFolder, policy: dict[str, Any]) -> str:
@@ -153,7 +159,7 @@ def svg_chart(panel: Panel) -> str:
 
     parts = [_axes(x_low, x_high, y_low, y_high, x_at, y_at, "optimizer step", panel.unit)]
     for index, series in enumerate(panel.series):
-        colour = COLOURS[index % len(COLOURS)]
+        colour = series.colour
         path = " ".join(f"{x_at(x):.1f},{y_at(y):.1f}" for x, y in series.points)
         width, opacity = ("1", "0.5") if series.per_step else ("2", "1")
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{width}" opacity="{opacity}" '
@@ -170,7 +176,8 @@ def svg_chart(panel: Panel) -> str:
 
 def svg_timeline(visits: list[Visit]) -> str:
     """Each phase visit as a bar in its phase's row, x the seconds since the run's first visit started."""
-    phases = list(dict.fromkeys(visit.phase for visit in visits))
+    colours = phase_colours(visits)
+    phases = list(colours)
     end = max(visit.start + visit.seconds for visit in visits)
     row_h, top = 22, TOP
     height = top + row_h * len(phases) + BOTTOM
@@ -182,7 +189,7 @@ def svg_timeline(visits: list[Visit]) -> str:
     parts = []
     for row, phase in enumerate(phases):
         y = top + row * row_h
-        colour = PHASE_COLOURS[row % len(PHASE_COLOURS)]
+        colour = colours[phase]
         parts.append(f'<text x="{LEFT + 34}" y="{y + 15}" text-anchor="end">{html.escape(phase)}</text>')
         parts += [f'<rect x="{x_at(v.start):.1f}" y="{y + 3}" width="{max(v.seconds / (end or 1.0) * plot_w, 1):.1f}" '
                   f'height="{row_h - 6}" fill="{colour}"><title>{html.escape(phase)}, epoch {v.epoch}: '

@@ -1,8 +1,9 @@
 """Where a run's time goes: how long each phase visit took, and how fast the train loop steps.
 
-Every reading is a host clock read at a point where the device has already been synchronised for
-another reason (a record's loss is read with ``.item()`` just before): timing adds no device sync, and
-nothing at all to an optimizer step that logs nothing.
+Only host clocks are read, so timing adds no device sync, and nothing at all to an optimizer step that
+logs nothing. Step and train epoch records read the clock just after their loss was read with
+``.item()`` (the device is in sync then). A phase visit ends after its exit hooks: the built-in phases
+have synchronised by then, but GPU work a phase of one's own leaves queued counts towards the next.
 
 Timings go into a record's ``"time"`` entry, never among its metrics: they differ from run to run while
 the metrics of a resumed run are bitwise the uninterrupted run's. A phase visit is a ``kind: "phase"``
@@ -12,6 +13,7 @@ re-enters that phase and logs its visit then.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 
 class PhaseClock:
@@ -32,7 +34,9 @@ class PhaseClock:
 class Throughput:
     """Samples and optimizer steps per second over a span of the train loop, read at log points only.
 
-    ``samples`` is this process's count; the rate counts every process, which train equal shards.
+    ``samples`` is this process's count; the rate counts every process, which train equal shards. A span
+    without samples (a ``train_epoch`` of one's own that hands the trainer only its losses) has no
+    samples per second.
     """
 
     def __init__(self, num_processes: int) -> None:
@@ -50,6 +54,13 @@ class Throughput:
         seconds, steps_done = now - then, steps - steps_then
         rates = {"seconds": round(seconds, 6)}
         if seconds > 0 and steps_done > 0:
-            rates |= {"samples_per_s": round((samples - samples_then) * self._num_processes / seconds, 3),
-                      "steps_per_s": round(steps_done / seconds, 3), "step_s": round(seconds / steps_done, 6)}
+            rates |= {"steps_per_s": round(steps_done / seconds, 3), "step_s": round(seconds / steps_done, 6)}
+        if seconds > 0 and samples > samples_then:
+            rates["samples_per_s"] = round((samples - samples_then) * self._num_processes / seconds, 3)
         return rates
+
+
+def shares(seconds: Mapping[str, float]) -> list[tuple[str, float, float]]:
+    """(phase, seconds, percent of the whole) for each phase, the largest first."""
+    total = sum(seconds.values()) or 1.0
+    return [(phase, s, 100 * s / total) for phase, s in sorted(seconds.items(), key=lambda item: -item[1])]

@@ -71,17 +71,20 @@ def tracker_values(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TrackerLog(Callback):
-    """Logs every record to the run's trackers (main process). The trackers start once the run folder is
+    """Logs every record to the run's ``trackers`` (main process). The trackers start once the run folder is
     claimed (at setup's end, or as a resumed run starts), and end with the run (or its exception, a stop
-    signal's included).
+    signal's included). Every run has one, with no trackers if need be, so a resume may start or stop
+    logging to a tracker.
 
-    Its saved state is what a resumed run needs to continue the same tracker runs: the runs' ids and the
-    values logged at the latest step.
+    Its saved state is what a resumed run needs to continue the same tracker runs: the runs' ids, the
+    folder they belong to (a checkpoint of another run folder starts new tracker runs, never writes into
+    that run's), and the values logged at the latest step.
     """
 
-    def __init__(self, accelerator: Accelerator, tracking: TrackingConfig, folder: pathlib.Path, run_name: str,
-                 config: dict[str, Any]) -> None:
-        self._accelerator, self._tracking, self._folder, self._config = accelerator, tracking, folder, config
+    def __init__(self, accelerator: Accelerator, trackers: list[str], tracking: TrackingConfig, folder: pathlib.Path,
+                 run_name: str, config: dict[str, Any]) -> None:
+        self._accelerator, self._trackers, self._tracking, self._config = accelerator, trackers, tracking, config
+        self._folder = folder
         self._run_name = tracking.run_name or run_name
         self.ids: dict[str, str] = {}
         self.latest: tuple[int, list[dict[str, float]]] = (-1, [])  # the latest step, and what was logged at it
@@ -90,7 +93,7 @@ class TrackerLog(Callback):
         self._pending: tuple[int, dict[str, float]] = (-1, {})  # values not sent yet, all of one step
 
     def on_run_start(self, trainer: Trainer) -> None:
-        if trainer.state.resumed:  # its folder is the run's already
+        if trainer.state.resumed and self._trackers:  # its folder is the run's already
             self._purge_step = trainer.state.optimizer_step
             self._start()
 
@@ -101,7 +104,7 @@ class TrackerLog(Callback):
         self._send()  # the previous epoch's records are all in
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if not self._accelerator.is_main_process:
+        if not self._trackers or not self._accelerator.is_main_process:
             return
         self._start()
         values = tracker_values(record)
@@ -122,20 +125,20 @@ class TrackerLog(Callback):
             self._accelerator.log(values, step=step)
 
     def _start(self) -> None:
-        if self._started or not self._accelerator.is_main_process:
+        if self._started or not self._trackers or not self._accelerator.is_main_process:
             return
         self._started = True
         resumed = self._purge_step is not None
+        if "wandb" in self._trackers:
+            self.ids.setdefault("wandb", uuid.uuid4().hex[:16])
         ours: dict[str, dict[str, Any]] = {
             "tensorboard": {"purge_step": self._purge_step} if resumed else {},
-            "wandb": {"name": self._run_name, "id": self.ids.setdefault("wandb", uuid.uuid4().hex[:16]),
-                  "resume": "allow", "dir": str(self._folder)},
+            "wandb": {"name": self._run_name, "id": self.ids.get("wandb"), "resume": "allow", "dir": str(self._folder)},
             "mlflow": {"run_id": self.ids["mlflow"]} if "mlflow" in self.ids else {"run_name": self._run_name},
         }
-        kwargs = {name: {**ours.get(name, {}), **self._tracking.init_kwargs.get(name, {})}
-                  for name in self._tracking.log_with}
+        kwargs = {name: {**ours.get(name, {}), **self._tracking.init_kwargs.get(name, {})} for name in self._trackers}
         self._folder.mkdir(parents=True, exist_ok=True)
-        if resumed and "tensorboard" in self._tracking.log_with:
+        if resumed and "tensorboard" in self._trackers:
             _after_the_last_event_file(self._folder / self._tracking.project)
         self._accelerator.init_trackers(self._tracking.project, init_kwargs=kwargs)
         if not resumed:  # the config as hyperparameters, once per tracker run: a resumed run is the same run
@@ -144,7 +147,7 @@ class TrackerLog(Callback):
                 # with no metrics to compare; the config is in RUN_DIR/config.yaml, next to the events.
                 if tracker.name != "tensorboard":
                     tracker.store_init_configuration(flat(self._config))
-        if "mlflow" in self._tracking.log_with:
+        if "mlflow" in self._trackers:
             self.ids["mlflow"] = self._accelerator.get_tracker("mlflow").tracker.info.run_id
         step, logged = self.latest
         if resumed and step == self._purge_step:  # hidden by the purge, with whatever followed them
@@ -167,9 +170,12 @@ class TrackerLog(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         self._send()  # what the checkpoint says was logged is written: a kill after it loses none of it
-        return {"ids": dict(self.ids), "latest_step": self.latest[0], "latest": self.latest[1]}
+        return {"folder": str(self._folder.resolve()), "ids": dict(self.ids), "latest_step": self.latest[0],
+                "latest": self.latest[1]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("folder") != str(self._folder.resolve()):  # another run's (or a moved run's) tracker runs
+            return
         self.ids = {str(k): str(v) for k, v in state["ids"].items()}
         self.latest = (int(state["latest_step"]), [dict(values) for values in state["latest"]])
 

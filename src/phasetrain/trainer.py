@@ -113,9 +113,8 @@ class Trainer(TrainerSteps):
         self._monitor = MonitorValue(cfg.checkpoint.monitor)
         self._scheduler_stepping = scheduler_stepping(self.scheduler, self.config.scheduler)
         self._bookkeeping = bookkeeping_callbacks(self._monitor, self.scheduler, self._scheduler_stepping)
-        if trackers:
-            self._bookkeeping.append(TrackerLog(accelerator, cfg.tracking, self.run_folder.tracking,
-                                                 self.run_folder.path.name, cfg.to_dict()))
+        self._bookkeeping.append(TrackerLog(accelerator, trackers, cfg.tracking, self.run_folder.tracking,
+                                            self.run_folder.path.name, cfg.to_dict()))
         defaults = self.default_callbacks()
         self.callbacks = self._callback_list(with_callbacks(defaults, parts.callbacks + list(callbacks or []), defaults))
         if cfg.checkpoint.keep_best:
