@@ -88,14 +88,19 @@ def test_a_resumed_run_continues_the_tensorboard_run_without_duplicate_points(tm
     at_15 = next(r for r in records(tmp_path / "a") if r["kind"] == "step" and r["step"] == 15)
     assert (15, pytest.approx(at_15["train/loss"])) in scalars(tmp_path / "b")["step/train/loss"]
     Trainer(config).run(resume="latest")
-    resumed, uninterrupted = scalars(tmp_path / "b"), scalars(tmp_path / "a")
+    assert_same_points(tmp_path / "b", tmp_path / "a")
+    assert records_without_times(tmp_path / "b") == records_without_times(tmp_path / "a")
+
+
+def assert_same_points(run_dir: pathlib.Path, reference: pathlib.Path) -> None:
+    """TensorBoard shows ``run_dir`` with every point of ``reference``, none missing, none twice, at the same
+    steps, with the same values where they are not times."""
+    resumed, uninterrupted = scalars(run_dir), scalars(reference)
     assert resumed.keys() == uninterrupted.keys()
     for tag, points in uninterrupted.items():
-        steps = [step for step, _ in resumed[tag]]
-        assert steps == [step for step, _ in points], tag  # none missing, none twice
+        assert [step for step, _ in resumed[tag]] == [step for step, _ in points], tag
         if not tag.startswith(("time/", "step/time/", "phase_seconds/")):
             assert [value for _, value in resumed[tag]] == [value for _, value in points], tag
-    assert records_without_times(tmp_path / "b") == records_without_times(tmp_path / "a")
 
 
 def test_a_tracker_whose_package_is_missing_is_one_line_naming_it(tmp_path: pathlib.Path) -> None:
@@ -166,15 +171,17 @@ def test_the_time_per_phase_of_a_resumed_run_covers_the_whole_run(tmp_path: path
     assert "eval_epoch " in summary and "checkpoint " in summary
 
 
-def test_a_resume_may_start_logging_to_a_tracker(tmp_path: pathlib.Path) -> None:
-    config = digits_config(tmp_path / "run", train={"epochs": 2, "log_every_steps": 10},
-                           checkpoint={"every_epochs": 1})
+def test_a_resume_may_start_logging_to_a_tracker_which_gets_the_runs_earlier_records_too(
+        tmp_path: pathlib.Path) -> None:
+    sections = {"train": {"epochs": 2, "log_every_steps": 10}, "checkpoint": {"every_epochs": 1}}
+    quiet_run(Trainer(digits_config(tmp_path / "a", **sections, **TENSORBOARD)))
+    config = digits_config(tmp_path / "run", **sections)
     with pytest.raises(Crash):
         quiet_run(Trainer(config, callbacks=[CrashAt(step=45)]))
     with pytest.warns(UserWarning, match="resuming with config changes, applied from here on: tracking") as caught:
         quiet_run(Trainer(config.with_overrides(["tracking.log_with=[tensorboard]"])), resume="latest")
     assert "bitwise" not in str(caught[0].message)  # trackers change no result
-    assert [step for step, _ in scalars(tmp_path / "run")["eval/loss"]] == [80]  # from the resume on
+    assert_same_points(tmp_path / "run", tmp_path / "a")
 
 
 def test_a_resume_may_stop_logging_to_a_tracker_without_a_word_about_it(tmp_path: pathlib.Path) -> None:
@@ -187,15 +194,17 @@ def test_a_resume_may_stop_logging_to_a_tracker_without_a_word_about_it(tmp_path
 
 
 def test_a_checkpoint_of_another_run_folder_starts_new_tracker_runs(tmp_path: pathlib.Path) -> None:
-    # The checkpoint's tracker state (run ids, the points of its last step) belongs to the other folder's runs.
+    # The checkpoint's tracker state (run ids, the points of its last step) belongs to the other folder's runs:
+    # the new folder's trackers get the checkpoint's records, as a resume that starts tracking does.
     config = digits_config(tmp_path / "a", checkpoint={"every_epochs": 1}, **TENSORBOARD)
+    quiet_run(Trainer(config.with_overrides([f"run_dir={tmp_path / 'reference'}"])))
     with pytest.raises(Crash):
         quiet_run(Trainer(config, callbacks=[CrashAt(step=45)]))
     checkpoint = next((tmp_path / "a" / "checkpoints").glob("epoch001*"))
     other = Trainer(config.with_overrides([f"run_dir={tmp_path / 'b'}"]))
     with pytest.warns(UserWarning, match="metrics.jsonl was missing: rebuilt from the checkpoint"):
         quiet_run(other, resume=str(checkpoint), from_other_run=True)
-    assert [step for step, _ in scalars(tmp_path / "b")["eval/loss"]] == [80]  # not the other run's step-40 point
+    assert_same_points(tmp_path / "b", tmp_path / "reference")
 
 
 def test_the_console_shows_each_epochs_rate_and_phase_times_and_where_the_time_went(tmp_path: pathlib.Path) -> None:
@@ -286,6 +295,57 @@ def test_a_run_that_logged_nothing_yet_has_a_report_and_no_plot(finished_run: pa
     assert result.returncode == 0, result.stderr
     page = (run_dir / "report.html").read_text()
     assert "No epoch has ended yet." in page and "No phase has ended yet." in page
+
+
+def run_with_metrics(finished_run: pathlib.Path, folder: pathlib.Path, lines: list[str]) -> pathlib.Path:
+    """A run folder with ``finished_run``'s config and these metrics.jsonl lines."""
+    folder.mkdir()
+    shutil.copy(finished_run / "config.yaml", folder)
+    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return folder
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("{not json", "line 2: not JSON"),
+    ('{"phase": "train_epoch", "epoch": 1, "step": 40, "kind": "epoch", "time": null}', "('time' is None)"),
+    ('{"phase": "train_epoch", "epoch": 1, "step": null, "kind": "epoch"}', "('step' is None)"),
+    ('{"phase": "setup", "epoch": 0, "step": 0, "kind": "phase", "time": {"seconds": 1.0}}',
+     "(a phase record's time needs 'start' and 'seconds')"),
+    ("[1, 2]", "(a list, not an object)"),
+])
+def test_a_damaged_metrics_file_is_one_line_naming_the_line(finished_run: pathlib.Path, tmp_path: pathlib.Path,
+                                                            line: str, message: str) -> None:
+    good = (finished_run / "metrics.jsonl").read_text().splitlines()
+    run_dir = run_with_metrics(finished_run, tmp_path / "run", [good[0], line, *good[1:]])
+    for command in ("plot", "report"):
+        result = run_cli(command, str(run_dir))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr and "metrics.jsonl, line 2: not " in result.stderr
+
+
+def test_a_last_value_that_is_not_finite_is_shown_as_such(finished_run: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    # metrics.jsonl writes NaN as null: the last eval/loss was NaN. The final table must not show an older value.
+    lines = (finished_run / "metrics.jsonl").read_text().splitlines()
+    last_eval = max(i for i, line in enumerate(lines) if '"eval/loss"' in line)
+    record = json.loads(lines[last_eval])
+    lines[last_eval] = json.dumps({**record, "eval/loss": None})
+    run_dir = run_with_metrics(finished_run, tmp_path / "run", lines)
+    from phasetrain.report import report_html
+    page = report_html(run_dir)
+    final = page.split('<section id="final-metrics">')[1].split("</section>")[0]
+    assert "<td>eval/loss</td><td class=\"number\">not finite (NaN or infinity)</td>" in final
+    assert f"eval/loss at step {record['step']}: not finite" in page  # marked on its curve
+    if importlib.util.find_spec("matplotlib") is not None:
+        from phasetrain.plot import plot_run
+        figure = plot_run(run_dir, tmp_path / "curves.png")
+        crosses = [line for line in figure.get_axes()[0].get_lines() if line.get_marker() == "x"]
+        assert [list(line.get_xdata()) for line in crosses] == [[record["step"]]]
+
+
+def test_the_tracking_project_is_a_name_not_a_path(tmp_path: pathlib.Path) -> None:
+    from phasetrain import ConfigError
+    with pytest.raises(ConfigError, match="tracking.project: .*expected a name, not a path: '../x'"):
+        digits_config(tmp_path / "run", tracking={"project": "../x"})
 
 
 # ---- report ----------------------------------------------------------------------------------------

@@ -328,6 +328,10 @@ class MetricsFile(Callback):
     def path(trainer: Trainer) -> pathlib.Path:
         return trainer.run_folder.metrics
 
+    def logged(self) -> list[dict[str, Any]]:
+        """The records written so far (after a resume: those of its checkpoint, then the new ones)."""
+        return [json.loads(line) for line in self._lines]
+
     def state_dict(self) -> dict[str, Any]:
         return {"records": "".join(self._lines)}
 

@@ -298,7 +298,7 @@ def _say(line: str) -> None:
 _FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 #: A path the user gave that the system refuses (too long, not a folder, not allowed): one line, exit 2.
-_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP}
+_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP, errno.EROFS}
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -220,6 +220,14 @@ class TrackingConfig(Section):
     def _one_name_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("project")
+    @classmethod
+    def _a_name_not_a_path(cls, value: str) -> str:
+        # TensorBoard writes to RUN_DIR/tracking/<project>: a path would write elsewhere.
+        if "/" in value or "\\" in value or value in (".", ".."):
+            raise ValueError(f"expected a name, not a path: {value!r} (TensorBoard writes to RUN_DIR/tracking/<project>)")
+        return value
+
     @model_validator(mode="after")
     def _kwargs_for_named_trackers(self) -> TrackingConfig:
         unused = sorted(set(self.init_kwargs) - set(self.log_with))

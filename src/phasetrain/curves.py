@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,15 +61,42 @@ def read_records(run_dir: pathlib.Path) -> list[dict[str, Any]]:
             return []
         raise RunDirError(f"{run_dir} is not a run folder (it has no config.yaml or metrics.jsonl): give the "
                           "folder of a run (its run_dir)")
+    lines = path.read_text(errors="replace").splitlines()
     records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if not isinstance(records[-1], dict) or not {"kind", "step", "phase"} <= records[-1].keys():
-            raise RunDirError(f"{path}, line {number}: not a phasetrain record; was the file written by phasetrain?")
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # a kill cut the last line short
+                continue
+            raise RunDirError(f"{path}, line {number}: not JSON; was the file written by phasetrain?") from None
+        problem = _not_a_record(record)
+        if problem:
+            raise RunDirError(f"{path}, line {number}: not a phasetrain record ({problem}); was the file written "
+                              "by phasetrain?")
+        records.append(record)
     return records
+
+
+def _not_a_record(record: Any) -> str | None:
+    """What makes ``record`` no record phasetrain writes, or None."""
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not an object"
+    for key, kind in (("phase", str), ("kind", str), ("step", int), ("epoch", int)):
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            return f"{key!r} is {record.get(key)!r}"
+    times = record.get("time", {})
+    if not isinstance(times, dict) or not all(_number(value) for value in times.values()):
+        return f"'time' is {times!r}"
+    if record["kind"] == "phase" and "time" in record and not {"start", "seconds"} <= times.keys():
+        return "a phase record's time needs 'start' and 'seconds'"
+    return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def curves(records: list[dict[str, Any]], metrics: list[str] | None = None) -> Curves:
@@ -84,8 +112,8 @@ def curves(records: list[dict[str, Any]], metrics: list[str] | None = None) -> C
         if rate is not None:
             values[RATE] = rate
         for name, value in values.items():
-            if isinstance(value, int | float):
-                target.setdefault(name, []).append((int(record["step"]), float(value)))
+            if value is None or _number(value):  # metrics.jsonl writes a NaN or infinity as null
+                target.setdefault(name, []).append((record["step"], math.nan if value is None else float(value)))
     if metrics:
         unknown = sorted(set(metrics) - set(epoch) - set(step))
         if unknown:
@@ -105,7 +133,7 @@ def curves(records: list[dict[str, Any]], metrics: list[str] | None = None) -> C
         in_panel = colours.setdefault(unit, {})
         colour = in_panel.setdefault(name, PALETTE[len(in_panel) % len(PALETTE)])
         panels.setdefault(unit, Panel(unit)).series.append(Series(label, points, per_step, colour))
-    final = {name: points[-1][1] for name, points in epoch.items() if name != RATE}
+    final = {name: points[-1][1] for name, points in epoch.items() if name != RATE}  # NaN too: it is the last
     return Curves(sorted(panels.values(), key=_panel_order), visits(records), final)
 
 

@@ -8,10 +8,11 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import TYPE_CHECKING
 
-from phasetrain.curves import Curves, curves, phase_colours, read_records
+from phasetrain.curves import Curves, Panel, curves, phase_colours, read_records
 from phasetrain.errors import ConfigError, RunDirError
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def plot_run(run_dir: pathlib.Path, output: pathlib.Path, metrics: list[str] | N
                 ax.plot(xs, ys, color=series.colour, linewidth=0.8, alpha=0.45, label=series.name)
             else:
                 ax.plot(xs, ys, color=series.colour, marker="o", markersize=3, linewidth=1.6, label=series.name)
+        _mark_not_finite(ax, panel)
         ax.set_ylabel(panel.unit)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -50,6 +52,15 @@ def plot_run(run_dir: pathlib.Path, output: pathlib.Path, metrics: list[str] | N
     figure.savefig(output, dpi=110)
     pyplot.close(figure)
     return figure
+
+
+def _mark_not_finite(ax: Axes, panel: Panel) -> None:
+    """A cross at the top edge where a curve's value was not finite (matplotlib leaves a gap there)."""
+    top = ax.get_ylim()[1]
+    for series in panel.series:
+        steps = [x for x, y in series.points if not math.isfinite(y)]
+        if steps:
+            ax.plot(steps, [top] * len(steps), "x", color=series.colour, markersize=7, clip_on=False)
 
 
 def _timeline(ax: Axes, drawn: Curves) -> None:

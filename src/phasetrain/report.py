@@ -72,7 +72,8 @@ def _anchor(title: str) -> str:
 def _final_metrics(final: dict[str, float]) -> str:
     if not final:
         return "<p>No epoch has ended yet.</p>"
-    rows = "".join(f'<tr><td>{html.escape(name)}</td><td class="number">{value:.6g}</td></tr>'
+    rows = "".join(f'<tr><td>{html.escape(name)}</td><td class="number">'
+                   f'{f"{value:.6g}" if math.isfinite(value) else "not finite (NaN or infinity)"}</td></tr>'
                    for name, value in final.items())
     return f"<table><tr><th>metric</th><th>last value</th></tr>{rows}</table>"
 
@@ -145,10 +146,11 @@ WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 900, 230, 64, 210, 24, 40
 
 
 def svg_chart(panel: Panel) -> str:
-    """One panel's curves as an SVG line chart: x the optimizer step, y the panel's unit, legend on the right."""
+    """One panel's curves as an SVG line chart: x the optimizer step, y the panel's unit, legend on the right.
+    A non-finite value breaks its curve and is marked with a cross at the chart's top edge."""
     points = [point for series in panel.series for point in series.points]
     x_low, x_high = _span([x for x, _ in points])
-    y_low, y_high = _span([y for _, y in points], pad=0.05)
+    y_low, y_high = _span([y for _, y in points if math.isfinite(y)] or [0.0, 1.0], pad=0.05)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def x_at(x: float) -> float:
@@ -159,14 +161,18 @@ def svg_chart(panel: Panel) -> str:
 
     parts = [_axes(x_low, x_high, y_low, y_high, x_at, y_at, "optimizer step", panel.unit)]
     for index, series in enumerate(panel.series):
-        colour = series.colour
-        path = " ".join(f"{x_at(x):.1f},{y_at(y):.1f}" for x, y in series.points)
+        colour, name = series.colour, html.escape(series.name)
         width, opacity = ("1", "0.5") if series.per_step else ("2", "1")
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{width}" opacity="{opacity}" '
-                     f'points="{path}"><title>{html.escape(series.name)}</title></polyline>')
+        for segment in _finite_runs(_thinned(series.points)):
+            path = " ".join(f"{x_at(x):.1f},{y_at(y):.1f}" for x, y in segment)
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{width}" opacity="{opacity}" '
+                         f'points="{path}"><title>{name}</title></polyline>')
         if not series.per_step:
             parts += [f'<circle cx="{x_at(x):.1f}" cy="{y_at(y):.1f}" r="2.6" fill="{colour}">'
-                      f"<title>{html.escape(series.name)} at step {x}: {y:.6g}</title></circle>" for x, y in series.points]
+                      f"<title>{name} at step {x}: {y:.6g}</title></circle>" for x, y in series.points if math.isfinite(y)]
+        parts += [f'<text x="{x_at(x):.1f}" y="{TOP + 4}" text-anchor="middle" fill="{colour}" font-size="13">×'
+                  f"<title>{name} at step {x}: not finite (NaN or infinity)</title></text>"
+                  for x, y in series.points if not math.isfinite(y)]
         legend_y = TOP + 14 + 16 * index
         parts.append(f'<line x1="{WIDTH - RIGHT + 14}" y1="{legend_y - 4}" x2="{WIDTH - RIGHT + 34}" y2="{legend_y - 4}" '
                      f'stroke="{colour}" stroke-width="{width}" opacity="{opacity}"/>'
@@ -224,6 +230,25 @@ def _axes(x_low: float, x_high: float, y_low: float, y_high: float, x_at: Any, y
                  f'<text x="14" y="{(TOP + bottom) / 2}" text-anchor="middle" '
                  f'transform="rotate(-90 14 {(TOP + bottom) / 2})">{html.escape(y_label)}</text>')
     return "".join(parts)
+
+
+def _thinned(points: list[tuple[int, float]], most: int = 2000) -> list[tuple[int, float]]:
+    """At most about ``most`` points of a long curve (every k-th, the last kept): a page stays small."""
+    if len(points) <= most:
+        return points
+    thinned = points[:: -(-len(points) // most)]
+    return thinned if thinned[-1] == points[-1] else [*thinned, points[-1]]
+
+
+def _finite_runs(points: list[tuple[int, float]]) -> list[list[tuple[int, float]]]:
+    """The stretches of a curve between its non-finite values."""
+    runs: list[list[tuple[int, float]]] = [[]]
+    for x, y in points:
+        if math.isfinite(y):
+            runs[-1].append((x, y))
+        elif runs[-1]:
+            runs.append([])
+    return [run for run in runs if run]
 
 
 def _number(value: float) -> str:

@@ -93,9 +93,16 @@ class TrackerLog(Callback):
         self._pending: tuple[int, dict[str, float]] = (-1, {})  # values not sent yet, all of one step
 
     def on_run_start(self, trainer: Trainer) -> None:
-        if trainer.state.resumed and self._trackers:  # its folder is the run's already
-            self._purge_step = trainer.state.optimizer_step
-            self._start()
+        if not (trainer.state.resumed and self._trackers and self._accelerator.is_main_process):
+            return
+        # The folder is the run's already. Trackers that did not log before the checkpoint (tracking started
+        # with this resume, or the checkpoint is another folder's) get the checkpoint's records first.
+        logged_before = self.latest[0] >= 0
+        self._purge_step = trainer.state.optimizer_step
+        self._start()
+        if not logged_before:
+            for record in checkpoint_records(trainer):
+                self._take(record)
 
     def on_exit_setup(self, trainer: Trainer) -> None:
         self._start()  # the folder is claimed now; the start's time counts as setup's
@@ -107,6 +114,9 @@ class TrackerLog(Callback):
         if not self._trackers or not self._accelerator.is_main_process:
             return
         self._start()
+        self._take(record)
+
+    def _take(self, record: dict[str, Any]) -> None:
         values = tracker_values(record)
         step = int(record["step"])
         self.latest = (step, [*self.latest[1], values] if step == self.latest[0] else [values])
@@ -178,6 +188,13 @@ class TrackerLog(Callback):
             return
         self.ids = {str(k): str(v) for k, v in state["ids"].items()}
         self.latest = (int(state["latest_step"]), [dict(values) for values in state["latest"]])
+
+
+def checkpoint_records(trainer: Trainer) -> list[dict[str, Any]]:
+    """The records a resumed run's checkpoint holds (``MetricsFile`` keeps them), none without that callback."""
+    from phasetrain.callbacks import MetricsFile
+    files = [callback for callback in trainer.callbacks if isinstance(callback, MetricsFile)]
+    return files[0].logged() if files else []
 
 
 def _after_the_last_event_file(folder: pathlib.Path) -> None:
