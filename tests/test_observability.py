@@ -19,6 +19,7 @@ import torch
 
 from phasetrain import Callback, Trainer
 from phasetrain.config import TRACKERS
+from phasetrain.tracking import RATES
 from tests.conftest import ROOT, digits_config, records_without_times, subprocess_env
 
 TENSORBOARD = {"tracking": {"log_with": ["tensorboard"]}}
@@ -67,7 +68,7 @@ def test_tensorboard_gets_every_record_of_metrics_jsonl_at_its_optimizer_step(tm
         else:
             prefix = "step/" if record["kind"] == "step" else ""
             expected = {f"{prefix}{k}": v for k, v in record.items() if "/" in k}
-            expected |= {f"{prefix}time/{k}": v for k, v in record.get("time", {}).items() if k != "start"}
+            expected |= {f"{prefix}time/{k}": v for k, v in record.get("time", {}).items() if k in RATES}
         for tag, value in expected.items():
             assert (record["step"], pytest.approx(value, rel=1e-6)) in shown[tag], (tag, record)
     epoch_points = sum(1 for r in written if r["kind"] == "epoch" for k in r if "/" in k)

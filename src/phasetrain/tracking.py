@@ -4,17 +4,18 @@
 
 What a tracker receives, per record kind:
 
-- an epoch record: its metrics under their own names (``train/loss``, ``eval/accuracy``), its times as
-  ``time/<name>`` (``time/samples_per_s``);
+- an epoch record: its metrics under their own names (``train/loss``, ``eval/accuracy``), its rates as
+  ``time/<name>`` (``time/samples_per_s``, ``time/steps_per_s``, ``time/step_s``);
 - a step record: the same under ``step/`` (``step/train/loss``), so step and epoch points never share a tag;
 - a phase visit: ``phase_seconds/<phase>``.
 
 The values of one step go to the trackers in one call, when the step's records are all in (at the next
 record of another step, at the start of a train epoch, at a checkpoint and at the end): a tracker may
 write on every call (TensorBoard flushes its file). A checkpoint sends what waits, so a kill loses nothing
-a resume would not send again. The calls are made in the loop's thread: on a thread of their own, they
-made the loop slower on a CPU (the thread competes for the GIL with the loop's Python), measured with
-``benchmarks/overhead.py --tracking tensorboard``.
+a resume would not send again. The calls are made in the loop's thread, each TensorBoard call ending in
+accelerate's flush: on a thread of their own, or without the flush (TensorBoard's writer thread then
+writes while the loop runs), the loop was slower on a CPU, as those threads compete for the GIL with the
+loop's Python (``benchmarks/overhead.py --tracking tensorboard``: about +0.03 against +0.02).
 
 A resumed run continues the same tracker run where the tracker allows it, without duplicate points:
 TensorBoard hides the points at and after the checkpoint's step (``purge_step``), and the values the
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from phasetrain.trainer import Trainer
+
+#: The times of step and epoch records a tracker gets: the rates. A span's length in seconds would be a curve
+#: of the log interval, and every scalar costs (TensorBoard: about 40 us each, in the loop).
+RATES = ("samples_per_s", "steps_per_s", "step_s")
 
 #: The package each tracker needs, by accelerate's tracker name.
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml", "aim": "aim",
@@ -65,7 +70,7 @@ def tracker_values(record: dict[str, Any]) -> dict[str, float]:
     else:
         prefix = "step/" if record["kind"] == "step" else ""
         values = {f"{prefix}{key}": value for key, value in record.items() if "/" in key}
-        values |= {f"{prefix}time/{key}": value for key, value in record.get("time", {}).items() if key != "start"}
+        values |= {f"{prefix}time/{key}": value for key, value in record.get("time", {}).items() if key in RATES}
     return {key: float(value) for key, value in values.items()
             if isinstance(value, int | float) and math.isfinite(value)}
 
