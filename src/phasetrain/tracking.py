@@ -15,7 +15,7 @@ write on every call (TensorBoard flushes its file). A checkpoint sends what wait
 a resume would not send again. The calls are made in the loop's thread, each TensorBoard call ending in
 accelerate's flush: on a thread of their own, or without the flush (TensorBoard's writer thread then
 writes while the loop runs), the loop was slower on a CPU, as those threads compete for the GIL with the
-loop's Python (``benchmarks/overhead.py --tracking tensorboard``: about +0.03 against +0.02).
+loop's Python (``benchmarks/overhead.py --tracking tensorboard``; docs/performance.md has the figures).
 
 A resumed run continues the same tracker run where the tracker allows it, without duplicate points:
 TensorBoard hides the points at and after the checkpoint's step (``purge_step``), and the values the
