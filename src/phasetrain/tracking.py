@@ -66,7 +66,7 @@ def tracker_names(tracking: TrackingConfig, fast_dev_run: bool) -> list[str]:
 def tracker_values(record: dict[str, Any]) -> dict[str, float]:
     """What the trackers get of ``record`` (see the module's docstring); non-finite values are left out."""
     if record["kind"] == "phase":
-        values = {f"phase_seconds/{record['phase']}": record["time"]["seconds"]}
+        values = {f"phase_seconds/{record['phase']}": record.get("time", {}).get("seconds")}  # None: left out
     else:
         prefix = "step/" if record["kind"] == "step" else ""
         values = {f"{prefix}{key}": value for key, value in record.items() if "/" in key}
