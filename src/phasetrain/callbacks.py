@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from phasetrain.errors import CallbackError
+from phasetrain.timing import shares
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -269,7 +270,6 @@ class ConsoleSummary(Callback):
 
 def time_per_phase(seconds: dict[str, float]) -> str:
     """``time per phase: train_epoch 81% (12.31 s), eval_epoch 12% (1.80 s), ...``, largest first."""
-    from phasetrain.timing import shares
     if not seconds:
         return "time per phase: none measured"
     return "time per phase: " + ", ".join(f"{phase} {share:.0f}% ({s:.2f} s)" for phase, s, share in shares(seconds))

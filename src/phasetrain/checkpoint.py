@@ -36,7 +36,7 @@ import torch
 from phasetrain.checkpoint_files import publish, seal, torch_save, verify, write_error
 from phasetrain.config import CheckpointConfig, RunConfig
 from phasetrain.errors import CheckpointError, CorruptCheckpoint
-from phasetrain.run_folder import atomic_path, follow_umask, read_latest
+from phasetrain.run_folder import atomic_path, best_first, follow_umask, read_latest, read_summary
 from phasetrain.state import RunState
 
 _T = TypeVar("_T")
@@ -142,9 +142,9 @@ class Checkpoints:
         older = [c for c in self.all() if c.name != newest]  # oldest first
         newer_kept = policy.keep_last - 1  # the newest counts as one of keep_last
         keep = {newest, *(c.name for c in (older[-newer_kept:] if newer_kept > 0 else []))}
-        ranked = [(v, c.name) for c in [*older, self.folder / newest] if (v := _monitor_value(c)) is not None]
-        ranked.sort(reverse=policy.mode == "max")
-        best = [name for _, name in ranked[: policy.keep_best]]
+        summaries = [(c.name, read_summary(c)) for c in [*older, self.folder / newest]]
+        monitored = [(s.monitor, name) for name, s in summaries if s is not None and s.monitor is not None]
+        best = best_first(monitored, policy.mode)[: policy.keep_best]
         keep.update(best)
         if best and best[0] == newest:  # before any deletion: a crash leaves the previous best's file intact
             self._export_best(self.folder / newest)
@@ -414,13 +414,6 @@ def _load_module(module: torch.nn.Module, path: pathlib.Path, saved: dict[str, t
     module.load_state_dict(saved, strict=not tied)
     for name, param in module.named_parameters():
         param.requires_grad_(requires_grad.get(name, param.requires_grad))
-
-
-def _monitor_value(checkpoint: pathlib.Path) -> float | None:
-    try:
-        return json.loads((checkpoint / "state.json").read_text())["monitor"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _run_folder_of(checkpoint: pathlib.Path) -> pathlib.Path:

@@ -87,21 +87,28 @@ def _parser() -> argparse.ArgumentParser:
                                            "the data (for the step count), but no model, optimizer or Accelerator.")
     plan.add_argument("source", type=pathlib.Path, help="a YAML/JSON config, or a run folder")
     plan.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.epochs=6")
-    plot = commands.add_parser("plot", help="draw a run's curves and phase timeline (needs phasetrain[plot])",
-                               description="Draw loss and metric curves by optimizer step (step and epoch records, "
-                                           "train and eval on shared axes) and the phase timeline, with matplotlib.")
-    plot.add_argument("run_dir", type=pathlib.Path, help="the run folder (holds metrics.jsonl)")
-    plot.add_argument("-o", "--output", type=pathlib.Path, default=None,
-                      help="image file, .png/.svg/.pdf (default: RUN_DIR/curves.png)")
+    plot = _run_file_command(commands, "plot", "draw a run's curves and phase timeline (needs phasetrain[plot])",
+                             "Draw loss and metric curves by optimizer step (step and epoch records, train and eval "
+                             "on shared axes) and the phase timeline, with matplotlib.")
     plot.add_argument("--metrics", default=None, metavar="NAME,...",
                       help="only these curves, as named in metrics.jsonl (e.g. eval/loss,eval/accuracy)")
-    report = commands.add_parser("report", help="write a run's report: one self-contained HTML page",
-                                 description="Write one HTML page (no network, no script) with the run's config, "
-                                             "phase graph, curves, phase timeline, checkpoints and final metrics.")
-    report.add_argument("run_dir", type=pathlib.Path, help="the run folder")
-    report.add_argument("-o", "--output", type=pathlib.Path, default=None,
-                        help="the HTML file (default: RUN_DIR/report.html)")
+    _run_file_command(commands, "report", "write a run's report: one self-contained HTML page",
+                      "Write one HTML page (no network, no script) with the run's config, phase graph, curves, "
+                      "phase timeline, checkpoints and final metrics.")
     return parser
+
+
+#: The file each command that reads a run folder writes: its default name in RUN_DIR, and the suffixes -o takes.
+RUN_FILES = {"plot": ("curves.png", (".png", ".svg", ".pdf")), "report": ("report.html", (".html", ".htm"))}
+
+
+def _run_file_command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    default_name, suffixes = RUN_FILES[name]
+    command: argparse.ArgumentParser = commands.add_parser(name, help=summary, description=description)
+    command.add_argument("run_dir", type=pathlib.Path, help="the run folder (holds metrics.jsonl)")
+    command.add_argument("-o", "--output", type=pathlib.Path, default=None,
+                         help=f"a {'/'.join(suffixes)} file (default: RUN_DIR/{default_name})")
+    return command
 
 
 def _add_num_processes(command: argparse.ArgumentParser) -> None:
@@ -235,7 +242,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from phasetrain.plot import plot_run
-    output = _output(args.run_dir, args.output, "curves.png", (".png", ".svg", ".pdf"))
+    output = _output(args)
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     plot_run(args.run_dir, output, metrics)
     print(f"wrote {output}")
@@ -244,19 +251,19 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from phasetrain.report import write_report
-    output = _output(args.run_dir, args.output, "report.html", (".html", ".htm"))
+    output = _output(args)
     write_report(args.run_dir, output)
     print(f"wrote {output}")
     return 0
 
 
-def _output(run_dir: pathlib.Path, given: pathlib.Path | None, default_name: str,
-            suffixes: tuple[str, ...]) -> pathlib.Path:
-    """Where a command that reads ``run_dir`` writes its file: ``given``, else ``run_dir/default_name``."""
+def _output(args: argparse.Namespace) -> pathlib.Path:
+    """Where a command that reads ``args.run_dir`` writes its file: ``-o``, else its default in the run folder."""
     from phasetrain.errors import RunDirError
+    run_dir, (default_name, suffixes) = args.run_dir, RUN_FILES[args.command]
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a folder: give the folder of a run (its run_dir)")
-    output = given or run_dir / default_name
+    output = args.output or run_dir / default_name
     if output.is_dir():
         raise RunDirError(f"-o {output} is a folder: give a file name, e.g. {output / default_name}")
     if output.suffix.lower() not in suffixes:

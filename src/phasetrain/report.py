@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import json
 import math
 import pathlib
 from typing import Any
@@ -20,7 +19,7 @@ import yaml
 from phasetrain.curves import Panel, Visit, curves, phase_colours, read_records, seconds_per_phase
 from phasetrain.errors import PhasetrainError
 from phasetrain.graph import FIRST
-from phasetrain.run_folder import RunFolder, read_latest
+from phasetrain.run_folder import RunFolder, best_first, read_latest, read_summary
 from phasetrain.timing import shares
 
 STYLE = """
@@ -114,27 +113,22 @@ def _graph(folder: RunFolder, visits: list[Visit]) -> str:
 
 def _checkpoints(folder: RunFolder, policy: dict[str, Any]) -> str:
     latest = read_latest(folder.checkpoints)
-    rows = []
     monitor, mode = policy.get("monitor", "eval/loss"), policy.get("mode", "min")
-    for checkpoint in sorted(folder.checkpoints.glob("epoch*")):
-        try:
-            saved = json.loads((checkpoint / "state.json").read_text())
-            state, value = saved["state"], saved.get("monitor")
-            rows.append((checkpoint.name, state["phase"], int(state["epoch"]), int(state["optimizer_step"]), value))
-        except (OSError, ValueError, KeyError, TypeError):
-            rows.append((checkpoint.name, "unreadable", -1, -1, None))
-    if not rows:
+    summaries = [(checkpoint.name, read_summary(checkpoint)) for checkpoint in sorted(folder.checkpoints.glob("epoch*"))]
+    if not summaries:
         return "<p>No checkpoint is kept.</p>"
-    ranked = [row for row in rows if isinstance(row[4], int | float)]
-    best = (min if mode == "min" else max)(ranked, key=lambda row: row[4])[0] if ranked else None
+    # Ranked as the run's retention ranks them, so the one marked best is the one in best.safetensors.
+    ranked = best_first([(s.monitor, name) for name, s in summaries if s is not None and s.monitor is not None], mode)
+    best = ranked[0] if ranked else None
     lines = []
-    for name, phase, epoch, step, value in rows:
+    for name, saved in summaries:
         notes = [note for note, holds in (("latest", latest is not None and latest.name == name),
                                           (f"best by {monitor} ({mode})", name == best)) if holds]
-        shown = f"{value:.6g}" if isinstance(value, int | float) else "not measured"
-        lines.append(f'<tr{" class=best" if name == best else ""}><td>{html.escape(name)}</td><td>{phase}</td>'
-                     f'<td class="number">{epoch}</td><td class="number">{step}</td><td class="number">{shown}</td>'
-                     f"<td>{', '.join(notes)}</td></tr>")
+        where = (f"<td>{saved.phase}</td><td class=\"number\">{saved.epoch}</td><td class=\"number\">{saved.step}</td>"
+                 if saved else '<td>unreadable</td><td></td><td></td>')
+        shown = f"{saved.monitor:.6g}" if saved and saved.monitor is not None else "not measured"
+        lines.append(f'<tr{" class=best" if name == best else ""}><td>{html.escape(name)}</td>{where}'
+                     f'<td class="number">{shown}</td><td>{", ".join(notes)}</td></tr>')
     exported = (f"<p>The best checkpoint's weights are also in {folder.best_weights.name}.</p>"
                 if folder.best_weights.is_file() else "")
     return (f"<table><tr><th>checkpoint</th><th>phase</th><th>epoch</th><th>step</th><th>{html.escape(monitor)}</th>"

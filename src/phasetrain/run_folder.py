@@ -16,8 +16,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from phasetrain.errors import RunDirError
@@ -210,14 +211,9 @@ class RunFolder:
         if self.finished:
             return "done", 0, 0
         latest = read_latest(self.checkpoints)
-        state_file = latest / "state.json" if latest else None
-        if state_file is None:
-            return None, 0, 0
-        try:  # a damaged state.json: where the run stands is unknown, which is no reason to fail drawing it
-            state = json.loads(state_file.read_text())["state"]
-            return str(state["phase"]), int(state["epoch"]), int(state["optimizer_step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None, 0, 0
+        # A damaged state.json: where the run stands is unknown, which is no reason to fail drawing it.
+        saved = read_summary(latest) if latest else None
+        return (saved.phase, saved.epoch, saved.step) if saved else (None, 0, 0)
 
     def describe_position(self) -> str:
         """Where the run stands, in a line: finished, not started, or its latest checkpoint's position."""
@@ -245,6 +241,33 @@ class RunFolder:
             with atomic_path(path) as tmp:
                 save_model(accelerator.unwrap_model(model), str(tmp))
         accelerator.wait_for_everyone()
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """Where a checkpoint was taken, and the monitored value it ranks by (None: not measured on its weights)."""
+
+    phase: str
+    epoch: int
+    step: int
+    monitor: float | None
+
+
+def read_summary(checkpoint: pathlib.Path) -> CheckpointSummary | None:
+    """The summary in ``checkpoint``'s state.json; None when it cannot be read."""
+    try:
+        saved = json.loads((checkpoint / "state.json").read_text())
+        state, value = saved["state"], saved.get("monitor")
+        return CheckpointSummary(str(state["phase"]), int(state["epoch"]), int(state["optimizer_step"]),
+                                 float(value) if isinstance(value, int | float) else None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def best_first(monitored: Iterable[tuple[float, str]], mode: str) -> list[str]:
+    """Checkpoint names ranked by their monitored value (``(value, name)`` pairs), the best first: the
+    lowest for ``mode`` "min", the highest for "max"; a tie goes by name."""
+    return [name for _, name in sorted(monitored, reverse=mode == "max")]
 
 
 def read_latest(checkpoints: pathlib.Path) -> pathlib.Path | None:

@@ -437,11 +437,11 @@ class Trainer(TrainerSteps):
                     break
         if state.micro_step:  # an iterable dataset ended inside an accumulation group
             self._update_weights(skip=not self._step_loss_is_finite(state.micro_step))
-        if state.optimizer_step > state.epoch_start_step:
-            loss = self._train_loss.epoch_mean(self._sum_over_processes)  # syncs: the clock reads true time
-            self.log({"train/loss": loss, "train/lr": self._lr()}, time=self._rate(self._epoch_rate))
-        else:  # stopped before its first step: no loss to report (a 0 would read as a perfect one)
-            self.log({"train/lr": self._lr()}, time=self._rate(self._epoch_rate))
+        # An epoch stopped before its first step has no loss to report (a 0 would read as a perfect one). Reading
+        # the loss syncs the device, so the clock read after it is true time.
+        trained = state.optimizer_step > state.epoch_start_step
+        loss = {"train/loss": self._train_loss.epoch_mean(self._sum_over_processes)} if trained else {}
+        self.log({**loss, "train/lr": self._lr()}, time=self._rate(self._epoch_rate))
         self.train_epoch_end()
 
     def _step_loss_is_finite(self, micro_batches: int) -> bool:
