@@ -251,6 +251,7 @@ class FillDiskAfter(Callback):
 
     def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
         if trainer.state.optimizer_step == self.step:
+            trainer.wait_for_checkpoints()  # the disk fills up for the next checkpoint, not the one being written
             fill(self.ballast, self.room())
 
 
@@ -327,6 +328,7 @@ run_dir = pathlib.Path(sys.argv[1])
 class LimitFileSizeAfter(Callback):  # after the first checkpoint: its process file fits, its state.pt not
     def on_train_step_end(self, trainer, loss):
         if trainer.state.optimizer_step == 5:
+            trainer.wait_for_checkpoints()  # the limit is for the next checkpoint, not the one being written
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
             limit = (checkpoint_at(run_dir, 4) / "process-0.pt").stat().st_size + 1024
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

@@ -425,7 +425,7 @@ class CheckpointThenDie(Callback):
     # SIGKILL): the step-10 values wait to be sent until step 12's; only the checkpoint sends them.
     def on_train_step_end(self, trainer, loss):
         if trainer.state.optimizer_step == 12:
-            trainer.save_checkpoint()
+            trainer.save_checkpoint(wait=True)  # on disk before the death below
         if trainer.state.optimizer_step == 13:
             os._exit(9)
 

@@ -12,12 +12,19 @@ monitored value). A checkpoint folder
 With ``keep_best``, a new best checkpoint's model weights are also copied to ``RUN_DIR/best.safetensors``.
 ``.pt`` files are read with ``torch.load(weights_only=True)``: loading a checkpoint cannot execute code.
 
+Saving costs the loop only a snapshot: every tensor to save is copied (on its device) and every state dict
+rebuilt, then a background thread serialises, checksums, fsyncs and publishes it while training goes on
+(``checkpoint.background``). At most one write is pending: the next save, the end of the run and a signal stop
+wait for it first, and its error is raised in the training thread, naming the checkpoint. ``latest`` moves
+only once everything is on disk, so a kill at any moment leaves the previous checkpoint as it was.
+
 A checkpoint is *corrupt* (CorruptCheckpoint) when its files are not what was written; ``resume("latest")``
 then falls back to the newest intact one. One that is intact but does not fit the run (another model,
 another format version) is refused at once: an older checkpoint of the run would not fit either.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import itertools
 import json
@@ -27,6 +34,7 @@ import shutil
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,22 +64,30 @@ class Checkpoints:
                  best_weights: pathlib.Path | None = None) -> None:
         self.folder, self.policy, self.process = folder, policy, process
         self.best_weights = best_weights
+        self._pending: tuple[pathlib.Path, Future[None]] | None = None  # the checkpoint being written, and its write
 
-    # ---- save ---------------------------------------------------------------------------------
+    # ---- save -----------------------------------------------------------------------------------
     def save(self, state: RunState, to_save: Mapping[str, Any], per_process: Mapping[str, Any],
-             metadata: Mapping[str, Any]) -> pathlib.Path:
-        """Write a checkpoint of the run at ``state``; returns its folder. Every process must call it."""
+             metadata: Mapping[str, Any], *, wait: bool = False) -> pathlib.Path:
+        """Write a checkpoint of the run at ``state``; returns its folder. Every process must call it.
+
+        Returns once a snapshot is taken; the main process writes it in the background unless ``wait`` (or
+        ``checkpoint.background`` is off), when every process returns only after it is on disk."""
         if state.micro_step:
             raise CheckpointError(
                 f"cannot checkpoint in the middle of an optimizer step (micro-batch {state.micro_step} of it has "
                 "started): its gradients are not saved, so the resume would not be exact; save at an "
                 "optimizer-step boundary (on_train_step_end)")
+        self.wait()  # one snapshot pending at most, and the folder's .tmp-* is no longer being written
         process = self.process
-        # State dicts are taken before anything is written: one that fails (callbacks and phases check
-        # theirs for plain data) leaves no trace.
+        # Snapshots are taken before anything is written: a state dict that fails (callbacks and phases check
+        # theirs for plain data) leaves no trace, and training may change everything once this returns.
         process_states = {name: obj.state_dict() for name, obj in per_process.items()}
-        states = {name: obj if isinstance(obj, torch.nn.Module) else obj.state_dict()
-                  for name, obj in to_save.items() if obj is not None} if process.is_main_process else {}
+        saved = {name: obj for name, obj in to_save.items() if obj is not None} if process.is_main_process else {}
+        states = snapshot({name: obj.state_dict() for name, obj in saved.items()})
+        # Frozen/unfrozen parameters are model state that state_dict() leaves out.
+        requires_grad = {name: {key: p.requires_grad for key, p in obj.named_parameters()}
+                         for name, obj in saved.items() if isinstance(obj, torch.nn.Module)}
         final = self.folder / f"epoch{state.epoch:03d}-step{state.optimizer_step:07d}-{state.phase}"
         tmp = self.folder / f".tmp-{final.name}"
         if process.is_main_process:
@@ -80,38 +96,63 @@ class Checkpoints:
             with self._writing(tmp, final):
                 tmp.mkdir(parents=True)
         process.wait_for_everyone()
-        with self._writing(tmp, final):
+        with self._writing(tmp, final):  # a few kB of RNG state: not worth a thread
             torch_save(process_states, tmp / f"process-{process.process_index}.pt")
         process.wait_for_everyone()
         if process.is_main_process:
-            with self._writing(tmp, final):
-                # A generator: each file is hashed and fsynced while the next one is written.
-                seal(tmp, itertools.chain(self._write(tmp, state, states, metadata), sorted(tmp.glob("process-*.pt"))))
-            publish(tmp, final)
-            self._apply_retention(final.name)
-        process.wait_for_everyone()
+            files = _Files(state.to_dict(), states, requires_grad, snapshot(dict(metadata)))
+            if wait or not self.policy.background:
+                self._finish(tmp, final, files)
+            else:
+                self._pending = (final, _in_background(self._finish, tmp, final, files))
+        if wait or not self.policy.background:
+            process.wait_for_everyone()  # every process returns with the checkpoint on disk
         return final
 
-    def _write(self, tmp: pathlib.Path, state: RunState, states: Mapping[str, Any],
-               metadata: Mapping[str, Any]) -> Iterator[pathlib.Path]:
+    def wait(self) -> None:
+        """Block until the checkpoint being written in the background is on disk (a no-op when none is);
+        raise its error here, in the training thread, naming the checkpoint."""
+        if self._pending is None:
+            return
+        final, write = self._pending
+        self._pending = None
+        try:
+            write.result()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"writing checkpoint {final} failed ({type(exc).__name__}: {exc}); "
+                                  f"{self._intact()}") from exc
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of a background write that has already failed; cheap enough for every phase."""
+        if self._pending is not None and self._pending[1].done():
+            self.wait()
+
+    def _finish(self, tmp: pathlib.Path, final: pathlib.Path, files: _Files) -> None:
+        """Write the main process's files, seal and publish them, apply retention: on the background thread."""
+        with self._writing(tmp, final):
+            # A generator: each file is hashed and fsynced while the next one is written.
+            seal(tmp, itertools.chain(self._write(tmp, files), sorted(tmp.glob("process-*.pt"))))
+        publish(tmp, final)
+        self._apply_retention(final.name)
+
+    def _write(self, tmp: pathlib.Path, files: _Files) -> Iterator[pathlib.Path]:
         """Write the main process's files, yielding each path once it is closed. Every state dict goes into
         one ``state.pt``, written first: one fsync for all of them (each file's costs ~10 ms here), and
         it overlaps writing the weights."""
         from safetensors.torch import save_model
-        torch_save({name: value for name, value in states.items() if not isinstance(value, torch.nn.Module)},
+        torch_save({name: value for name, value in files.states.items() if name not in files.requires_grad},
                    tmp / "state.pt")
         yield tmp / "state.pt"
-        requires_grad: dict[str, dict[str, bool]] = {}
-        for name, module in states.items():
-            if isinstance(module, torch.nn.Module):
-                save_model(module, str(tmp / f"{name}.safetensors"))
-                follow_umask(tmp / f"{name}.safetensors")
-                # Frozen/unfrozen parameters are model state that state_dict() leaves out.
-                requires_grad[name] = {key: p.requires_grad for key, p in module.named_parameters()}
-                yield tmp / f"{name}.safetensors"
+        for name in files.requires_grad:
+            # save_model reads only state_dict(): it drops tied duplicates as it would from the module
+            save_model(_Weights(files.states[name]), str(tmp / f"{name}.safetensors"))  # type: ignore[arg-type]
+            follow_umask(tmp / f"{name}.safetensors")
+            yield tmp / f"{name}.safetensors"
         from phasetrain import __version__
-        contents = {"format_version": FORMAT_VERSION, "phasetrain_version": __version__, "state": state.to_dict(),
-                    "processes": self.process.num_processes, "requires_grad": requires_grad, **metadata}
+        contents = {"format_version": FORMAT_VERSION, "phasetrain_version": __version__, "state": files.state,
+                    "processes": self.process.num_processes, "requires_grad": files.requires_grad, **files.metadata}
         (tmp / "state.json").write_text(json.dumps(contents, indent=1))
         yield tmp / "state.json"
 
@@ -130,10 +171,12 @@ class Checkpoints:
 
     def _write_failed(self, error: OSError, final: pathlib.Path) -> str:
         reason = error.strerror or str(error)
-        previous = self._latest()
-        intact = f"{previous.name} is intact" if previous else "no checkpoint was written before"
         advice = "free space and resume" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that and resume"
-        return f"{reason[:1].lower()}{reason[1:]} writing {final}; {intact} ({advice})"
+        return f"{reason[:1].lower()}{reason[1:]} writing {final}; {self._intact()} ({advice})"
+
+    def _intact(self) -> str:
+        previous = self._latest()
+        return f"{previous.name} is intact" if previous else "no checkpoint was written before"
 
     def _apply_retention(self, newest: str) -> None:
         """Keep the ``keep_last`` newest and the ``keep_best`` best by the monitored value; delete the rest.
@@ -286,6 +329,61 @@ class Checkpoints:
                           "re-sharded from the saved position, and each process's RNG streams start afresh",
                           stacklevel=3)
         return contents.state
+
+
+@dataclass
+class _Files:
+    """What the main process writes for one checkpoint: copies, so training can go on meanwhile."""
+
+    state: dict[str, Any]  # the RunState, for state.json
+    states: dict[str, Any]  # state dicts by name; a module's is its weights
+    requires_grad: dict[str, dict[str, bool]]  # by module name
+    metadata: dict[str, Any]
+
+
+class _Weights:
+    """A module's saved weights, as far as safetensors' ``save_model`` looks at a module."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.weights)  # save_model deletes the tied duplicates from what it is given
+
+
+def snapshot(value: Any, copies: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
+    """``value`` with every tensor copied and every dict, list and tuple rebuilt, so that training can change
+    the originals while the copy is written. Tensors that are the same view of one storage (tied weights)
+    stay one tensor, so the copy keeps their ties."""
+    copies = {} if copies is None else copies
+    if isinstance(value, torch.Tensor):
+        key = _view_of(value)
+        if key not in copies:
+            copies[key] = value.detach().clone()
+        return copies[key]
+    if type(value) in (dict, OrderedDict):
+        return type(value)((key, snapshot(item, copies)) for key, item in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(snapshot(item, copies) for item in value)
+    return copy.deepcopy(value)  # numbers and strings come back as they are; anything else is copied
+
+
+def _view_of(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same view of the same memory."""
+    try:
+        storage = tensor.untyped_storage().data_ptr()
+    except RuntimeError:  # a sparse tensor has no single storage
+        return ("object", id(tensor))
+    return (storage, tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+
+
+def _in_background(work: Callable[..., None], *args: Any) -> Future[None]:
+    """Run ``work(*args)`` on a thread of its own; the future holds its outcome. The interpreter waits for
+    that thread at exit, so a training thread that ends with a write pending still has it finished."""
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phasetrain-checkpoint")
+    write = writer.submit(work, *args)
+    writer.shutdown(wait=False)  # its thread ends with this write
+    return write
 
 
 @dataclass

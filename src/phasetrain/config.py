@@ -195,6 +195,8 @@ class CheckpointConfig(Section):
     keep_best: StrictInt = Field(1, ge=0)
     monitor: str = Field("eval/loss", description="metric that ranks checkpoints for keep_best")
     mode: Literal["min", "max"] = "min"
+    background: StrictBool = Field(True, description="write checkpoints on a background thread while training goes "
+                                   "on (one pending at most); false: training waits for each write")
 
 
 #: The trackers accelerate can log to, by its names (``accelerate.utils.LoggerType`` without ``all``: a run logs

@@ -37,7 +37,7 @@ from phasetrain.checks import check_loss_step, check_model_fits_loss
 from phasetrain.components import as_config, build_components
 from phasetrain.conditions import Condition
 from phasetrain.config import RunConfig
-from phasetrain.errors import ConfigError, GraphError, NonFiniteLossError
+from phasetrain.errors import CheckpointError, ConfigError, GraphError, NonFiniteLossError
 from phasetrain.graph import EPOCH, LAST, Edge, build_graph
 from phasetrain.history import RunHistory
 from phasetrain.losses import TrainLoss
@@ -312,13 +312,23 @@ class Trainer(TrainerSteps):
                 if self._signals.signal_pending:
                     self._stop_for_signal()
                 walker.next_phase()
+            self.wait_for_checkpoints()
             self.training_run_end()
             self.callbacks.fire("on_run_end", self)
         except BaseException as exc:  # a stop signal's RunInterrupted too: bars close, the line stands alone
+            self._finish_pending_write(exc)
             self.callbacks.fire("on_exception", self, exc)
             raise
         finally:
             self.machine.release(walker)
+
+    def _finish_pending_write(self, exc: BaseException) -> None:
+        """A run that fails still completes the checkpoint it was writing, while it holds the run folder; should
+        that write fail too, the run's own error is the one raised, with this one noted under it."""
+        try:
+            self.wait_for_checkpoints()
+        except CheckpointError as write_error:
+            exc.add_note(f"also: {write_error}")
 
     def _entered(self, phase: str, edge: Edge | None) -> None:
         self._phase_clock.enter()
@@ -330,6 +340,7 @@ class Trainer(TrainerSteps):
     def _exited(self, phase: str) -> None:
         self.callbacks.fire(f"on_exit_{phase}", self)
         self._log_visit()
+        self._checkpoints.raise_if_failed()  # a failed background write stops the run within a phase
         # A stop requested by an exit hook on one process decides this very move on all of them (a signal that
         # came in meanwhile waits for the check after the next phase).
         self._signals.agree(self.state)
@@ -358,17 +369,24 @@ class Trainer(TrainerSteps):
         """Throughput since ``span`` started; called just after a record's loss was read (the device is in sync)."""
         return span.read(self._train_loss.trained, self.state.optimizer_step)
 
-    def save_checkpoint(self, phase_finished: bool = False) -> pathlib.Path:
-        """Write a checkpoint of the whole run now (at an optimizer-step boundary); returns its folder.
+    def save_checkpoint(self, phase_finished: bool = False, *, wait: bool = False) -> pathlib.Path:
+        """Checkpoint the whole run now (at an optimizer-step boundary); returns the checkpoint's folder.
 
-        A resume from it runs the current phase again from its start, unless ``phase_finished``: a phase
-        that saves as its last act says so, and a resume goes on to the next phase instead.
+        Returns once the state is copied: the folder is written in the background and appears when it is
+        complete (``checkpoint.background``); ``wait=True`` returns with it on disk. A resume from it runs the
+        current phase again from its start, unless ``phase_finished``: a phase that saves as its last act says
+        so, and a resume goes on to the next phase instead.
         """
         if phase_finished:
             self.state.phase_complete = True
         return self._checkpoints.save(self.state, self._to_save(), self._per_process(),
                                       {"config": self.config.to_dict(), "monitor": self._monitor.value_now(self.state),
-                                       "objects": self._objects})
+                                       "objects": self._objects}, wait=wait)
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until the checkpoint being written in the background is on disk; raises its error if the write
+        failed. The run waits by itself before the next checkpoint, the final weights and a signal stop."""
+        self._checkpoints.wait()
 
     def _to_save(self) -> dict[str, Any]:
         # Largest first (AdamW's state is twice the model): each file's fsync overlaps writing the next.
@@ -380,7 +398,7 @@ class Trainer(TrainerSteps):
         return {"rng": ProcessRNG(), "train_loss": self._train_loss}
 
     def _stop_for_signal(self) -> None:
-        path = None if self.config.train.fast_dev_run else self.save_checkpoint()
+        path = None if self.config.train.fast_dev_run else self.save_checkpoint(wait=True)
         raise RunInterrupted(self._signals.received_signal, path, self.run_folder.path, bool(self._objects),
                              self.accelerator.num_processes)
 
@@ -470,6 +488,7 @@ class Trainer(TrainerSteps):
             warnings.warn(f"non-finite loss {where}: optimizer step skipped", stacklevel=3)
             self._train_loss.drop_step()
             return False
+        self.wait_for_checkpoints()
         latest = self._checkpoints.all()
         raise NonFiniteLossError(
             f"non-finite loss {where}: stopped before the weights were updated; "
@@ -518,6 +537,7 @@ class Trainer(TrainerSteps):
         """Evaluate the test split if there is one (logged as ``test/...``), then write the final weights."""
         if self.data.test is not None:
             self.log(prefixed("test", self._evaluate(self.data.test, hooks=False)))
+        self.wait_for_checkpoints()  # final weights mark the run finished: its last checkpoint is on disk first
         self.run_folder.write_final_weights(self.accelerator, self.model)
 
     def _gradient_sync(self, sync: bool) -> AbstractContextManager[Any]:
