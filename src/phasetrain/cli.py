@@ -241,8 +241,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    output = _output(args)  # before matplotlib and torch are imported: a wrong argument is answered at once
     from phasetrain.plot import plot_run
-    output = _output(args)
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     plot_run(args.run_dir, output, metrics)
     print(f"wrote {output}")
@@ -250,8 +250,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from phasetrain.report import write_report
     output = _output(args)
+    from phasetrain.report import write_report
     write_report(args.run_dir, output)
     print(f"wrote {output}")
     return 0

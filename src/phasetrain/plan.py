@@ -11,7 +11,6 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass, field
 
-from phasetrain.batches import RunData
 from phasetrain.config import RunConfig
 from phasetrain.errors import GraphError
 from phasetrain.graph import EPOCH, LAST, Edge, build_graph
@@ -63,9 +62,11 @@ def _epoch_end(state: RunState, steps_per_epoch: int | None) -> int:
 
 def plan_source(source: pathlib.Path, overrides: list[str]) -> str:
     """The plan of a config file, or of a run folder's ``config.yaml`` (with where that run stopped)."""
-    from phasetrain.components import build_datasets
     folder = RunFolder(source) if source.is_dir() else None
     config = RunConfig.from_file(folder.config_file if folder else source, overrides=overrides)
+    # torch only now: a config with a mistake is answered without it
+    from phasetrain.batches import RunData
+    from phasetrain.components import build_datasets
     data = RunData(build_datasets(config), config.train, config.seed) if config.data is not None else None
     machine = PhaseMachine(build_graph(config, has_eval_data=data is None or data.eval is not None))
     steps = data.steps_per_epoch if data is not None else None
