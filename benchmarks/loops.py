@@ -117,6 +117,28 @@ def plain(job: Job, record: Record) -> None:
     record.training_returned()
 
 
+def plain_indexed(job: Job, record: Record) -> None:
+    """The plain loop without a DataLoader: each batch indexed out of the dataset's tensors at once, as one who
+    knows the data is a TensorDataset writes it (phasetrain reads a TensorDataset so too)."""
+    model, optimizer = model_and_optimizer(job, record)
+    loss_fn = nn.CrossEntropyLoss()
+    inputs_all, targets_all = job.dataset.tensors
+    batch_size = job.workload.batch_size
+    record.training_starts()
+    model.train()
+    for _ in range(job.epochs):
+        record.epoch_started()
+        order = torch.randperm(len(targets_all))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            inputs, targets = inputs_all[batch].to(job.device), targets_all[batch].to(job.device)
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    record.training_returned()
+
+
 def accelerate_loop(job: Job, record: Record) -> None:
     """A hand-written loop through accelerate: prepare(), accelerator.backward()."""
     from accelerate import Accelerator
@@ -241,6 +263,7 @@ def phasetrain_bf16(job: Job, record: Record) -> None:
 
 LOOPS: dict[str, Callable[[Job, Record], None]] = {
     "plain": plain,
+    "plain-indexed": plain_indexed,
     "phasetrain": phasetrain_defaults,
     "phasetrain-off": phasetrain_off,
     "accelerate": accelerate_loop,

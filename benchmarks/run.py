@@ -11,7 +11,8 @@ The table: per-epoch time of each loop, as a ratio to a plain hand-written PyTor
 - ``heavy``: an MLP 784-1024-1024-10, batch 256, 8,192 random samples (32 steps an epoch), 4 epochs.
 
 The loops (benchmarks/loops.py): ``plain`` (DataLoader(shuffle=True), forward, loss, backward, step,
-zero_grad); ``phasetrain defaults`` (``Trainer(RunConfig, train_data=...).run()``: progress bar, console lines,
+zero_grad); ``plain, indexed`` (the same without a DataLoader: each batch indexed out of the data's tensors
+by a random permutation, as phasetrain reads a TensorDataset); ``phasetrain defaults`` (``Trainer(RunConfig, train_data=...).run()``: progress bar, console lines,
 metrics.jsonl, a checkpoint every epoch); ``phasetrain off`` (no progress bar, ``log_every_steps: 0``, no
 checkpoints); ``accelerate`` (a hand-written loop through ``Accelerator(cpu=True)``); ``ignite``
 (``create_supervised_trainer``); ``lightning`` (a LightningModule and a default ``lightning.Trainer``: progress
@@ -93,8 +94,8 @@ REFERENCE_DIR = ROOT / ".reference"
 PEERS = {"ignite": "pytorch-ignite==0.5.5", "lightning": "lightning==2.6.6",
          "lightning_utilities": "lightning-utilities==0.15.3"}
 #: The table's loops, in its order (benchmarks/loops.py has one more, for the GPU variant).
-TABLE_LOOPS = ("plain", "phasetrain", "phasetrain-off", "accelerate", "ignite", "lightning", "pytorch-accelerated")
-LABELS = {"phasetrain": "phasetrain defaults", "phasetrain-off": "phasetrain off", "phasetrain-bf16": "phasetrain bf16"}
+TABLE_LOOPS = ("plain", "plain-indexed", "phasetrain", "phasetrain-off", "accelerate", "ignite", "lightning", "pytorch-accelerated")
+LABELS = {"plain-indexed": "plain, indexed", "phasetrain": "phasetrain defaults", "phasetrain-off": "phasetrain off", "phasetrain-bf16": "phasetrain bf16"}
 TABLE_WORKLOADS = ("tiny", "heavy")
 QUICK = {"repeats": 2, "epochs": 3, "heavy_steps_per_epoch": 8}
 CHILD_TIMEOUT_S = 900  # one child that hangs fails its cell, not the suite
@@ -251,6 +252,14 @@ def ratio_cell(entry: dict[str, Any] | None) -> str:
         return "skipped"
     ratio = entry.get("paired_ratio")
     return f"{ratio:.2f} ({milliseconds(entry['median_epoch_s'])})" if ratio else milliseconds(entry["median_epoch_s"])
+
+
+def indexed_lines(summaries: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """phasetrain against the plain loop that indexes its batches as phasetrain does: the library's own cost."""
+    parts = [f"{LABELS[loop]} {workload} {summary[loop]['paired_ratio']:.2f}"
+             for loop in ("phasetrain", "phasetrain-off") for workload, summary in summaries.items()
+             if summary.get(loop, {}).get("paired_ratio")]
+    return [f"against plain, indexed (same data path, so the library's own cost): {', '.join(parts)}"] if parts else []
 
 
 def skipped_notes(skipped_by_workload: dict[str, dict[str, str]]) -> list[str]:
@@ -519,11 +528,12 @@ def main(argv: list[str] | None = None) -> None:
     facts = header(args.threads, args.repeats)
     env = child_environment(args.threads)
 
-    summaries, skipped_by_workload, raw = {}, {}, {}
+    summaries, against_indexed, skipped_by_workload, raw = {}, {}, {}, {}
     for name in args.only:
         child_args, expected_steps = workload_arguments(name, args)
         runs, skipped = measure_loops(args.loops, child_args, expected_steps, args.repeats, env, name)
         summaries[name] = summarize(runs, skipped)
+        against_indexed[name] = summarize(runs, skipped, baseline="plain-indexed")
         skipped_by_workload[name] = skipped
         raw[name] = {"arguments": child_args, "expected_steps": expected_steps, "runs": runs}
 
@@ -543,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"median of {args.repeats} per-repetition paired ratios")
     cells = {(loop, name): ratio_cell(summaries[name].get(loop)) for name in args.only for loop in args.loops}
     lines += table(args.loops, args.only, cells)
+    lines += indexed_lines(against_indexed)
     lines += skipped_notes(skipped_by_workload)
     lines += [""] + memory_lines(summaries, args.loops)
     if extras:

@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from phasetrain import Callback, CallbackError, ConfigError, GraphError, Phase, RunConfig, Trainer
 from phasetrain.batches import Accumulation, RunData
 from phasetrain.config import TrainConfig
-from phasetrain.data import EpochBatchSampler
+from phasetrain.data import BatchIndexed, EpochBatchSampler, WorkerSeeded
 from tests.conftest import PhaseRecorder, digits, digits_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -283,3 +284,34 @@ def test_every_public_name_resolves_lazily_and_the_export_lists_agree() -> None:
         assert getattr(phasetrain, name) is not None
     with pytest.raises(AttributeError, match="module 'phasetrain' has no attribute 'Trainr'"):
         phasetrain.Trainr  # noqa: B018
+
+
+class CountedDigits(torch.utils.data.TensorDataset):
+    """The digits tensors behind a dataset type of its own (so loaded one sample at a time), counting the reads."""
+
+    def __init__(self, dataset: torch.utils.data.TensorDataset) -> None:
+        super().__init__(*dataset.tensors)
+        self.reads = 0
+
+    def __getitem__(self, index: Any) -> Any:
+        self.reads += 1
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_tensor_dataset_is_read_a_batch_at_a_time_into_the_batches_sample_by_sample_reading_makes(
+        workers: int) -> None:
+    train = digits()["train"]
+    assert type(train) is torch.utils.data.TensorDataset
+    cfg = TrainConfig(batch_size=32, num_workers=workers)
+    by_batch = [batch for batch in RunData({"train": train}, cfg, seed=0).train_batches(epoch=2)]
+    counted = CountedDigits(train)
+    by_sample = [batch for batch in RunData({"train": counted}, cfg, seed=0).train_batches(epoch=2)]
+    assert len(by_batch) == len(by_sample) == 40
+    # The same batches, bitwise, and of the same structure (torch's default collate makes a list).
+    assert all(type(a) is type(b) is list and all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(a, b, strict=True))
+               for a, b in zip(by_batch, by_sample, strict=True))
+    if workers == 0:  # a subclass, which may read its samples its own way, is read one sample at a time
+        assert counted.reads == len(train)
+    loaded = RunData({"train": train}, cfg, seed=0).train_batches(epoch=2).loader.dataset  # type: ignore[attr-defined]
+    assert isinstance(loaded.dataset if isinstance(loaded, WorkerSeeded) else loaded, BatchIndexed)

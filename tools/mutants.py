@@ -374,6 +374,39 @@ MUTANTS = [
      "highlight = phase or FIRST", "highlight = FIRST", "tests/test_observability.py -k highlights"),
     ("obs: report without its sections", "src/phasetrain/report.py",
      "<section id=", "<div id=", "tests/test_observability.py -k chromium"),
+    # Background checkpoints (issue 12)
+    ("data: a TensorDataset read sample by sample", "src/phasetrain/data.py",
+     "if collate_fn is None and type(dataset) is TensorDataset:", "if False:", "tests/test_core.py -k batch_at_a_time"),
+    ("data: batch-indexed batches as tuples", "src/phasetrain/data.py",
+     "return [tensor[batch] for tensor in self.dataset.tensors]", "return tuple(tensor[batch] for tensor in self.dataset.tensors)",
+     "tests/test_core.py -k batch_at_a_time"),
+    ("ckpt: the snapshot shares the live tensors", "src/phasetrain/checkpoint.py",
+     "copies[key] = value.detach().clone()", "copies[key] = value.detach()", "tests/test_background_checkpoints.py"),
+    ("ckpt: ties not kept in the snapshot", "src/phasetrain/checkpoint.py",
+     "        if key not in copies:\n            copies[key] = value.detach().clone()\n        return copies[key]",
+     "        return value.detach().clone()", "tests/test_background_checkpoints.py -k tied"),
+    ("ckpt: a second write while one is pending", "src/phasetrain/checkpoint.py",
+     "        self.wait()  # one snapshot pending at most", "        pass  # one snapshot pending at most",
+     "tests/test_background_checkpoints.py"),
+    ("ckpt: background ignores checkpoint.background", "src/phasetrain/checkpoint.py",
+     "            if wait or not self.policy.background:\n                self._finish(", "            if wait:\n                self._finish(",
+     "tests/test_background_checkpoints.py"),
+    ("ckpt: a background error is dropped", "src/phasetrain/checkpoint.py",
+     "        except CheckpointError:\n            raise", "        except CheckpointError:\n            return",
+     "tests/test_checkpoint_faults.py -k full_disk"),
+    ("ckpt: a failed write seen only at the next checkpoint", "src/phasetrain/checkpoint.py",
+     "if self._pending is not None and self._pending[1].done():", "if False:",
+     "tests/test_background_checkpoints.py"),
+    ("ckpt: a failing run leaves its write pending", "src/phasetrain/trainer.py",
+     "            self._finish_pending_write(exc)\n", "", "tests/test_background_checkpoints.py"),
+    ("ckpt: run() returns with a write pending", "src/phasetrain/trainer.py",
+     "                walker.next_phase()\n            self.wait_for_checkpoints()", "                walker.next_phase()",
+     "tests/test_background_checkpoints.py"),
+    ("ckpt: final weights before the last checkpoint", "src/phasetrain/trainer.py",
+     "        self.wait_for_checkpoints()  # final weights mark", "        pass  # final weights mark",
+     "tests/test_background_checkpoints.py"),
+    ("ckpt: a signal stop reports a checkpoint still being written", "src/phasetrain/trainer.py",
+     "self.save_checkpoint(wait=True)", "self.save_checkpoint()", "tests/test_resume.py -k sigterm tests/test_kill.py -k sigterm"),
 ]
 
 def run(selected):
@@ -383,7 +416,7 @@ def run(selected):
             continue
         work = pathlib.Path(tempfile.gettempdir()) / "phasetrain-mutant"
         shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(SRC, work, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info"))
+        shutil.copytree(SRC, work, ignore=shutil.ignore_patterns(".venv", ".peers", ".git", "runs", "__pycache__", "*.egg-info"))
         path = work / file
         text = path.read_text()
         assert text.count(original) == 1, (name, "original not found once")

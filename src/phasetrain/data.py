@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from phasetrain.errors import DataError
 from phasetrain.loading import CheckedBatches
@@ -124,6 +124,30 @@ class WorkerSeeded(Dataset[Any]):
         return list(getitems(indices)) if getitems else [self.dataset[i] for i in indices]
 
 
+class BatchIndexed(Dataset[Any]):
+    """A ``TensorDataset`` read a batch at a time: each tensor indexed once with the batch's indices gives the
+    batch torch's default collate would build (a list of the stacked samples), without ``batch_size``
+    ``__getitem__`` calls and a stack per tensor: about a fifth of a step of a small MLP here."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        batch = torch.as_tensor(indices)
+        return [tensor[batch] for tensor in self.dataset.tensors]
+
+
+def as_is(batch: Any) -> Any:
+    """The collate function of a batch that is already made (``BatchIndexed``)."""
+    return batch
+
+
 def check_dataset(dataset: Any, name: str) -> None:
     """Refuse what cannot be batched: not a dataset, or empty."""
     if dataset is None:
@@ -142,7 +166,10 @@ def make_loader(dataset: Dataset[Any], sampler: EpochBatchSampler, *, num_worker
     """A plain DataLoader over ``sampler``; its own generator keeps the global RNG untouched (creating an
     iterator draws a worker base seed from the loader's generator even with ``num_workers=0``). ``label``
     names the dataset in errors, e.g. "train dataset (MyImages)"."""
-    loaded = WorkerSeeded(dataset) if num_workers > 0 else dataset
+    loaded: Dataset[Any] = dataset
+    if collate_fn is None and type(dataset) is TensorDataset:
+        loaded, collate_fn = BatchIndexed(dataset), as_is
+    loaded = WorkerSeeded(loaded) if num_workers > 0 else loaded
     loader = DataLoader(loaded, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed),
                         worker_init_fn=worker_init(num_workers))
