@@ -6,8 +6,10 @@ phasetrain's own ``seal``; torch, safetensors and the file system do the real wo
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -23,8 +25,8 @@ from safetensors.torch import load_file
 import phasetrain.checkpoint
 from phasetrain import Callback, CheckpointError, Trainer
 from phasetrain.checkpoint import intact
-from phasetrain.run_folder import read_latest
-from tests.conftest import ResumePoint, digits_config
+from phasetrain.run_folder import RunFolder, read_latest
+from tests.conftest import PhaseRecorder, ResumePoint, digits_config
 from tests.test_resume import Crash, CrashAt, weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -256,3 +258,79 @@ def test_a_snapshot_keeps_tied_weights_tied_and_the_resume_is_exact(tmp_path: pa
     model = resumed.accelerator.unwrap_model(resumed.model)
     assert model[2].weight is model[0].weight
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+
+
+def test_a_failed_background_write_stops_the_run_at_the_end_of_the_phase_it_was_seen_in(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    in_epoch_2 = threading.Event()
+
+    def failing_seal(folder: pathlib.Path, files: Iterable[pathlib.Path]) -> None:  # fails while epoch 2 trains
+        assert in_epoch_2.wait(timeout=60)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    class Epoch2(Callback):
+        def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+            if trainer.state.optimizer_step == 41:
+                in_epoch_2.set()
+
+    monkeypatch.setattr(phasetrain.checkpoint, "seal", failing_seal)
+    phases = PhaseRecorder()
+    run_dir = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=f"^{os.strerror(errno.EIO).lower()} writing .*epoch001-step0000040-checkpoint"):
+        Trainer(config_for(run_dir, train={"epochs": 3}, checkpoint={"every_epochs": 1}),
+                callbacks=[phases, Epoch2()]).run()
+    # Epoch 1's checkpoint failed while epoch 2 trained: the run stopped when that epoch's phase ended, not at
+    # epoch 2's checkpoint, after an evaluation whose work would be lost anyway.
+    assert phases.visited == ["setup", "train_epoch:1", "eval_epoch:1", "checkpoint:1", "train_epoch:2"]
+
+
+def test_the_final_weights_are_written_once_the_last_checkpoint_is_on_disk(tmp_path: pathlib.Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The final weights mark the run finished (a resume of it does nothing): its last checkpoint and best
+    # weights must be on disk by then, or a crash in between would leave a finished run without them.
+    disk = SlowDisk(monkeypatch, delay=0.5)
+    disk.release()
+    run_dir = tmp_path / "run"
+    latest_then: list[pathlib.Path | None] = []
+    real_write = RunFolder.write_final_weights
+
+    def write_final_weights(folder: RunFolder, *args: Any) -> None:
+        latest_then.append(read_latest(folder.checkpoints))
+        real_write(folder, *args)
+
+    monkeypatch.setattr(RunFolder, "write_final_weights", write_final_weights)
+    Trainer(config_for(run_dir, train={"epochs": 1}, checkpoint={"every_epochs": 1})).run()
+    assert latest_then == [run_dir / "checkpoints" / "epoch001-step0000040-checkpoint"]
+
+
+def test_a_checkpoint_written_while_training_went_on_resumes_exactly(tmp_path: pathlib.Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Step 4's checkpoint is written only after steps 5 and 6 changed the weights and AdamW's moments: what it
+    # holds is the copy taken at step 4, every part of it, or the resume from it would not be exact.
+    reference = Trainer(config_for(tmp_path / "reference"))
+    reference.run()
+    slow_disk = SlowDisk(monkeypatch)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Crash):
+        Trainer(config_for(run_dir), callbacks=[Watch(release_at=6, disk=slow_disk), CrashAt(step=7)]).run()
+    assert read_latest(run_dir / "checkpoints") == checkpoint_at(run_dir, 4)
+    point = ResumePoint()
+    resumed = Trainer(config_for(run_dir), callbacks=[point])
+    resumed.run(resume="latest")
+    assert point.at == ("train_epoch", 1, 4, True)
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(reference), strict=True))
+
+
+class SaveAtRunEnd(Callback):
+    def on_run_end(self, trainer: Trainer) -> None:
+        self.saved = trainer.save_checkpoint()
+
+
+def test_a_checkpoint_saved_at_the_end_of_the_run_is_on_disk_when_run_returns(tmp_path: pathlib.Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = SlowDisk(monkeypatch, delay=0.5)
+    disk.release()
+    save = SaveAtRunEnd()
+    Trainer(config_for(tmp_path / "run", train={"epochs": 1, "max_steps": 3}), callbacks=[save]).run()
+    assert read_latest(tmp_path / "run" / "checkpoints") == save.saved
+    intact(save.saved)

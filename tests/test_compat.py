@@ -5,14 +5,16 @@ on both and the events, their order and the run history's epochs are compared.""
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
+import signal
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from phasetrain import ConfigError, NonFiniteLossError
+from phasetrain import ConfigError, NonFiniteLossError, RunInterrupted
 from phasetrain.compat import (
     EarlyStoppingCallback,
     StopTrainingError,
@@ -264,3 +266,21 @@ def test_evaluate_from_a_callback_during_training_evaluates_with_the_running_tra
 def test_max_num_train_steps_of_zero_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"train.max_steps: Input should be greater than or equal to 1"):
         train(Trainer, [], max_num_train_steps=0)
+
+
+def test_a_sigterm_checkpoints_and_the_run_resumes_bit_for_bit(tmp_path: pathlib.Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    class TermAt(TrainerCallback):  # as a cluster scheduler would, in epoch 2
+        def on_train_step_end(self, trainer: Any, **kwargs: Any) -> None:
+            if trainer.run_history.current_epoch == 2 and kwargs["step"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    whole = train(Trainer, [], run_dir=tmp_path / "whole")
+    with pytest.raises(RunInterrupted) as stopped:
+        train(Trainer, [TermAt()], run_dir=tmp_path / "cut")
+    assert stopped.value.checkpoint == tmp_path / "cut" / "checkpoints" / "epoch002-step0000005-train_epoch"
+    capsys.readouterr()
+    resumed = train(Trainer, [], run_dir=tmp_path / "cut", resume_from="latest")
+    assert "from epoch002-step0000005-train_epoch" in capsys.readouterr().out
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)

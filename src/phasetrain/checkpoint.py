@@ -12,8 +12,8 @@ monitored value). A checkpoint folder
 With ``keep_best``, a new best checkpoint's model weights are also copied to ``RUN_DIR/best.safetensors``.
 ``.pt`` files are read with ``torch.load(weights_only=True)``: loading a checkpoint cannot execute code.
 
-Saving costs the loop only a snapshot: every tensor to save is copied (on its device) and every state dict
-rebuilt, then a background thread serialises, checksums, fsyncs and publishes it while training goes on
+Saving costs the loop only a snapshot (``phasetrain.snapshot``): every tensor to save is copied and every
+state dict rebuilt, then a background thread serialises, checksums, fsyncs and publishes it while training goes on
 (``checkpoint.background``). At most one write is pending: the next save, the end of the run and a signal stop
 wait for it first, and its error is raised in the training thread, naming the checkpoint. ``latest`` moves
 only once everything is on disk, so a kill at any moment leaves the previous checkpoint as it was.
@@ -24,7 +24,6 @@ another format version) is refused at once: an older checkpoint of the run would
 """
 from __future__ import annotations
 
-import copy
 import errno
 import itertools
 import json
@@ -45,6 +44,7 @@ from phasetrain.checkpoint_files import publish, seal, torch_save, verify, write
 from phasetrain.config import CheckpointConfig, RunConfig
 from phasetrain.errors import CheckpointError, CorruptCheckpoint
 from phasetrain.run_folder import atomic_path, best_first, follow_umask, read_latest, read_summary
+from phasetrain.snapshot import Snapshot
 from phasetrain.state import RunState
 
 _T = TypeVar("_T")
@@ -79,15 +79,16 @@ class Checkpoints:
                 "started): its gradients are not saved, so the resume would not be exact; save at an "
                 "optimizer-step boundary (on_train_step_end)")
         self.wait()  # one snapshot pending at most, and the folder's .tmp-* is no longer being written
-        process = self.process
-        # Snapshots are taken before anything is written: a state dict that fails (callbacks and phases check
-        # theirs for plain data) leaves no trace, and training may change everything once this returns.
+        process, in_background = self.process, self.policy.background and not wait
+        # State dicts are taken before anything is written: one that fails (callbacks and phases check theirs
+        # for plain data) leaves no trace. Written in the background, they are copied: training goes on.
         process_states = {name: obj.state_dict() for name, obj in per_process.items()}
         saved = {name: obj for name, obj in to_save.items() if obj is not None} if process.is_main_process else {}
-        states = snapshot({name: obj.state_dict() for name, obj in saved.items()})
+        states: Any = {name: obj.state_dict() for name, obj in saved.items()}
         # Frozen/unfrozen parameters are model state that state_dict() leaves out.
         requires_grad = {name: {key: p.requires_grad for key, p in obj.named_parameters()}
                          for name, obj in saved.items() if isinstance(obj, torch.nn.Module)}
+        files = _Files(state.to_dict(), Snapshot(states) if in_background else states, requires_grad, dict(metadata))
         final = self.folder / f"epoch{state.epoch:03d}-step{state.optimizer_step:07d}-{state.phase}"
         tmp = self.folder / f".tmp-{final.name}"
         if process.is_main_process:
@@ -99,14 +100,12 @@ class Checkpoints:
         with self._writing(tmp, final):  # a few kB of RNG state: not worth a thread
             torch_save(process_states, tmp / f"process-{process.process_index}.pt")
         process.wait_for_everyone()
-        if process.is_main_process:
-            files = _Files(state.to_dict(), states, requires_grad, snapshot(dict(metadata)))
-            if wait or not self.policy.background:
+        if not in_background:
+            if process.is_main_process:
                 self._finish(tmp, final, files)
-            else:
-                self._pending = (final, _in_background(self._finish, tmp, final, files))
-        if wait or not self.policy.background:
             process.wait_for_everyone()  # every process returns with the checkpoint on disk
+        elif process.is_main_process:
+            self._pending = (final, _in_background(self._finish, tmp, final, files))
         return final
 
     def wait(self) -> None:
@@ -115,7 +114,6 @@ class Checkpoints:
         if self._pending is None:
             return
         final, write = self._pending
-        self._pending = None
         try:
             write.result()
         except CheckpointError:
@@ -123,6 +121,9 @@ class Checkpoints:
         except Exception as exc:
             raise CheckpointError(f"writing checkpoint {final} failed ({type(exc).__name__}: {exc}); "
                                   f"{self._intact()}") from exc
+        finally:
+            if write.done():  # not when the wait itself was interrupted (Ctrl-C): the write is still pending
+                self._pending = None
 
     def raise_if_failed(self) -> None:
         """Raise the error of a background write that has already failed; cheap enough for every phase."""
@@ -142,12 +143,13 @@ class Checkpoints:
         one ``state.pt``, written first: one fsync for all of them (each file's costs ~10 ms here), and
         it overlaps writing the weights."""
         from safetensors.torch import save_model
-        torch_save({name: value for name, value in files.states.items() if name not in files.requires_grad},
+        states = files.states.ready() if isinstance(files.states, Snapshot) else files.states
+        torch_save({name: value for name, value in states.items() if name not in files.requires_grad},
                    tmp / "state.pt")
         yield tmp / "state.pt"
         for name in files.requires_grad:
             # save_model reads only state_dict(): it drops tied duplicates as it would from the module
-            save_model(_Weights(files.states[name]), str(tmp / f"{name}.safetensors"))  # type: ignore[arg-type]
+            save_model(_Weights(states[name]), str(tmp / f"{name}.safetensors"))  # type: ignore[arg-type]
             follow_umask(tmp / f"{name}.safetensors")
             yield tmp / f"{name}.safetensors"
         from phasetrain import __version__
@@ -336,7 +338,7 @@ class _Files:
     """What the main process writes for one checkpoint: copies, so training can go on meanwhile."""
 
     state: dict[str, Any]  # the RunState, for state.json
-    states: dict[str, Any]  # state dicts by name; a module's is its weights
+    states: Snapshot | dict[str, Any]  # state dicts by name (a module's is its weights), copied when in the background
     requires_grad: dict[str, dict[str, bool]]  # by module name
     metadata: dict[str, Any]
 
@@ -349,32 +351,6 @@ class _Weights:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.weights)  # save_model deletes the tied duplicates from what it is given
-
-
-def snapshot(value: Any, copies: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
-    """``value`` with every tensor copied and every dict, list and tuple rebuilt, so that training can change
-    the originals while the copy is written. Tensors that are the same view of one storage (tied weights)
-    stay one tensor, so the copy keeps their ties."""
-    copies = {} if copies is None else copies
-    if isinstance(value, torch.Tensor):
-        key = _view_of(value)
-        if key not in copies:
-            copies[key] = value.detach().clone()
-        return copies[key]
-    if type(value) in (dict, OrderedDict):
-        return type(value)((key, snapshot(item, copies)) for key, item in value.items())
-    if type(value) in (list, tuple):
-        return type(value)(snapshot(item, copies) for item in value)
-    return copy.deepcopy(value)  # numbers and strings come back as they are; anything else is copied
-
-
-def _view_of(tensor: torch.Tensor) -> tuple[Any, ...]:
-    """What makes two tensors the same view of the same memory."""
-    try:
-        storage = tensor.untyped_storage().data_ptr()
-    except RuntimeError:  # a sparse tensor has no single storage
-        return ("object", id(tensor))
-    return (storage, tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
 
 
 def _in_background(work: Callable[..., None], *args: Any) -> Future[None]:

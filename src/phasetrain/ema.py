@@ -139,7 +139,8 @@ class EMA(Callback):
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        # The tensors themselves: the checkpoint is written before the next step changes them.
+        # The tensors themselves: a checkpoint copies them before the next step changes them (phasetrain.snapshot),
+        # or, not written in the background, writes them before it.
         return {"average": self.weights()} if self._average else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -58,6 +58,7 @@ NOT_OVERRIDABLE = {
     "log": "add a callback with on_log to act on records",
     "end_optimizer_step": "override optimizer_step or add a callback with on_train_step_end",
     "save_checkpoint": "add a callback or a phase that calls it",
+    "wait_for_checkpoints": "call it where you need the checkpoint on disk",
     "setup_run": "override training_run_start, or replace the setup phase",
     "finish_run": "override training_run_end, or replace the done phase",
 }
@@ -312,23 +313,23 @@ class Trainer(TrainerSteps):
                 if self._signals.signal_pending:
                     self._stop_for_signal()
                 walker.next_phase()
-            self.wait_for_checkpoints()
             self.training_run_end()
             self.callbacks.fire("on_run_end", self)
         except BaseException as exc:  # a stop signal's RunInterrupted too: bars close, the line stands alone
-            self._finish_pending_write(exc)
             self.callbacks.fire("on_exception", self, exc)
+            self._finish_pending_write()
             raise
         finally:
             self.machine.release(walker)
+        self.wait_for_checkpoints()  # run() returns with every checkpoint taken on disk, one saved at run end too
 
-    def _finish_pending_write(self, exc: BaseException) -> None:
+    def _finish_pending_write(self) -> None:
         """A run that fails still completes the checkpoint it was writing, while it holds the run folder; should
-        that write fail too, the run's own error is the one raised, with this one noted under it."""
+        that write fail too, the run's own error is the one raised, and this one a warning."""
         try:
             self.wait_for_checkpoints()
         except CheckpointError as write_error:
-            exc.add_note(f"also: {write_error}")
+            warnings.warn(str(write_error), stacklevel=3)
 
     def _entered(self, phase: str, edge: Edge | None) -> None:
         self._phase_clock.enter()

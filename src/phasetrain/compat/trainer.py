@@ -440,12 +440,12 @@ class Trainer(CoreTrainer, replaces=("save_checkpoint",)):
     def save_checkpoint(self, save_path: str | os.PathLike[str] | None = None,  # type: ignore[override]
                         checkpoint_kwargs: dict[str, Any] | None = None, save_optimizer: bool = True,
                         save_scheduler: bool = True, save_per_node: bool = True,
-                        phase_finished: bool = False) -> Any:
+                        phase_finished: bool = False, *, wait: bool = False) -> Any:
         """Write the model (and optimizer, scheduler) state to ``save_path``, as pytorch-accelerated does;
         written atomically, by the main process only. Without ``save_path``, phasetrain's own checkpoint of
         the whole run (``phasetrain.Trainer.save_checkpoint``), which the run takes itself with ``run_dir``."""
         if save_path is None:
-            return CoreTrainer.save_checkpoint(self, phase_finished)
+            return CoreTrainer.save_checkpoint(self, phase_finished, wait=wait)
         from phasetrain.run_folder import atomic_path
         checkpoint: dict[str, Any] = {"model_state_dict": self.get_model(keep_torch_compile=False).state_dict()}
         if save_optimizer:
