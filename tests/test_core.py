@@ -315,3 +315,18 @@ def test_a_tensor_dataset_is_read_a_batch_at_a_time_into_the_batches_sample_by_s
         assert counted.reads == len(train)
     loaded = RunData({"train": train}, cfg, seed=0).train_batches(epoch=2).loader.dataset  # type: ignore[attr-defined]
     assert isinstance(loaded.dataset if isinstance(loaded, WorkerSeeded) else loaded, BatchIndexed)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_a_tensor_dataset_of_another_layout_gives_the_contiguous_batches_stacking_gives(layout: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    if layout == "transposed":
+        inputs = torch.randn(8, 64, generator=generator).t()
+    else:
+        inputs = torch.randn(64, 3, 4, 4, generator=generator).contiguous(memory_format=torch.channels_last)
+    dataset = torch.utils.data.TensorDataset(inputs, torch.arange(64))
+    cfg = TrainConfig(batch_size=16)
+    batches = list(RunData({"train": dataset}, cfg, seed=0).train_batches(epoch=1))
+    stacked = list(RunData({"train": CountedDigits(dataset)}, cfg, seed=0).train_batches(epoch=1))
+    for ours, theirs in zip(batches, stacked, strict=True):
+        assert torch.equal(ours[0], theirs[0]) and ours[0].stride() == theirs[0].stride()

@@ -127,7 +127,9 @@ class WorkerSeeded(Dataset[Any]):
 class BatchIndexed(Dataset[Any]):
     """A ``TensorDataset`` read a batch at a time: each tensor indexed once with the batch's indices gives the
     batch torch's default collate would build (a list of the stacked samples), without ``batch_size``
-    ``__getitem__`` calls and a stack per tensor: about a fifth of a step of a small MLP here."""
+    ``__getitem__`` calls and a stack per tensor: about a fifth of a step of a small MLP here. Only for
+    contiguous tensors: indexing another layout (channels_last, a transpose) may keep it, where stacking
+    gives a contiguous batch."""
 
     def __init__(self, dataset: TensorDataset) -> None:
         self.dataset = dataset
@@ -167,7 +169,7 @@ def make_loader(dataset: Dataset[Any], sampler: EpochBatchSampler, *, num_worker
     iterator draws a worker base seed from the loader's generator even with ``num_workers=0``). ``label``
     names the dataset in errors, e.g. "train dataset (MyImages)"."""
     loaded: Dataset[Any] = dataset
-    if collate_fn is None and type(dataset) is TensorDataset:
+    if collate_fn is None and type(dataset) is TensorDataset and all(t.is_contiguous() for t in dataset.tensors):
         loaded, collate_fn = BatchIndexed(dataset), as_is
     loaded = WorkerSeeded(loaded) if num_workers > 0 else loaded
     loader = DataLoader(loaded, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
