@@ -7,8 +7,9 @@
 The workload (``cnn`` in benchmarks/workloads.py): three 3x3 conv layers (32, 64, 128 channels) with ReLU and
 pooling, then a linear layer to 10 classes; 3x64x64 random images, batch 256, 32 steps an epoch, 4 epochs;
 plain SGD (lr 0.01), cross-entropy. The data stays in host memory and every batch is sent to the device, as
-a DataLoader over a dataset does. Three loops (benchmarks/loops.py): ``plain`` (DataLoader(shuffle=True),
-``.to(device)``, forward, loss, backward, step, zero_grad, in fp32), ``phasetrain defaults`` (progress bar,
+a DataLoader over a dataset does. Four loops (benchmarks/loops.py): ``plain`` (DataLoader(shuffle=True),
+``.to(device)``, forward, loss, backward, step, zero_grad, in fp32), ``plain, indexed`` (batches indexed
+out of the tensors, as phasetrain reads a TensorDataset), ``phasetrain defaults`` (progress bar,
 metrics.jsonl, a checkpoint every epoch) and ``phasetrain bf16`` (the same with ``train.mixed_precision: bf16``).
 
 Timed as the CPU table is (benchmarks/run.py): fresh processes, the loops in a rotated order each repetition,
@@ -39,7 +40,7 @@ from benchmarks.run import (
 )
 from benchmarks.workloads import WORKLOADS
 
-GPU_LOOPS = ["plain", "phasetrain", "phasetrain-bf16"]
+GPU_LOOPS = ["plain", "plain-indexed", "phasetrain", "phasetrain-bf16"]
 QUICK = {"repeats": 2, "epochs": 3, "steps_per_epoch": 4, "batch_size": 32}
 
 
