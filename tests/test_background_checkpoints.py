@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 import phasetrain.checkpoint
-from phasetrain import Callback, CheckpointError, Trainer
+from phasetrain import Callback, CheckpointError, RunInterrupted, Trainer
 from phasetrain.checkpoint import intact
 from phasetrain.run_folder import RunFolder, read_latest
 from tests.conftest import PhaseRecorder, ResumePoint, digits_config
-from tests.test_resume import Crash, CrashAt, weights
+from tests.test_resume import Crash, CrashAt, TermAt, weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # One epoch of 40 optimizer steps, a checkpoint every 4, all kept.
@@ -334,3 +334,19 @@ def test_a_checkpoint_saved_at_the_end_of_the_run_is_on_disk_when_run_returns(tm
     Trainer(config_for(tmp_path / "run", train={"epochs": 1, "max_steps": 3}), callbacks=[save]).run()
     assert read_latest(tmp_path / "run" / "checkpoints") == save.saved
     intact(save.saved)
+
+
+class SeesTheStopCheckpoint(Callback):
+    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+        assert isinstance(exc, RunInterrupted) and exc.checkpoint is not None
+        self.on_disk = read_latest(trainer.run_folder.checkpoints) == exc.checkpoint
+
+
+def test_a_signal_stop_is_reported_with_its_checkpoint_on_disk(tmp_path: pathlib.Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = SlowDisk(monkeypatch, delay=0.3)
+    disk.release()
+    sees = SeesTheStopCheckpoint()
+    with pytest.raises(RunInterrupted):
+        Trainer(config_for(tmp_path / "run"), callbacks=[TermAt(step=6), sees]).run()
+    assert sees.on_disk  # what the stop line names (and what a hook reads) exists when it is said

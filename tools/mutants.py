@@ -386,10 +386,10 @@ MUTANTS = [
      "        return tensor.clone()", "        return tensor", "tests/test_background_checkpoints.py"),
     ("ckpt: ties not kept in the snapshot", "src/phasetrain/snapshot.py",
      "            if key not in self._copies:\n", "            if True:\n", "tests/test_background_checkpoints.py -k tied"),
-    ("ckpt: only the model is copied", "src/phasetrain/snapshot.py",
-     "        if type(value) in (dict, OrderedDict):\n            return type(value)((key, self._copy(item))",
-     "        if type(value) in (dict, OrderedDict) and not value.get('state'):\n            return type(value)((key, self._copy(item))",
-     "tests/test_background_checkpoints.py -k holds"),
+    ("ckpt: the optimizer's state not copied", "src/phasetrain/snapshot.py",
+     "            return type(value)((key, self._copy(item)) for key, item in value.items())",
+     "            return value if 'param_groups' in value else type(value)((key, self._copy(item)) for key, item in value.items())",
+     "tests/test_background_checkpoints.py -k resumes_exactly"),
     ("ckpt: a second write while one is pending", "src/phasetrain/checkpoint.py",
      "        self.wait()  # one snapshot pending at most", "        pass  # one snapshot pending at most",
      "tests/test_background_checkpoints.py"),
@@ -411,7 +411,7 @@ MUTANTS = [
      "        self.wait_for_checkpoints()  # final weights mark", "        pass  # final weights mark",
      "tests/test_background_checkpoints.py"),
     ("ckpt: a signal stop reports a checkpoint still being written", "src/phasetrain/trainer.py",
-     "self.save_checkpoint(wait=True)", "self.save_checkpoint()", "tests/test_resume.py -k sigterm tests/test_kill.py -k sigterm"),
+     "self.save_checkpoint(wait=True)", "self.save_checkpoint()", "tests/test_background_checkpoints.py -k signal_stop"),
 ]
 
 def run(selected):
