@@ -80,6 +80,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -382,36 +383,34 @@ def resume_times(env: dict[str, str], repeats: int, threads: int) -> dict[str, A
             "stopped_at_step": first["stopped_at_step"], "runs": {"fresh": fresh, "resumed": resumed}}
 
 
+#: Each extra figure: its key in the extras, its name, and its line when it was measured.
+EXTRA_LINES: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
+    ("import", "import", lambda f: (
+        f"import (python -c, whole process): phasetrain {f['phasetrain_s']:.2f} s, torch + accelerate "
+        f"{f['torch_accelerate_s']:.2f} s: {f['paired_difference_s']:+.2f} s (median of paired differences)")),
+    ("cli", "CLI start-up", lambda f: (
+        f"CLI start-up ({f['command']}): --help {f['help_s']:.2f} s, run no-such-file.yaml (exit 2) "
+        f"{f['argument_error_s']:.2f} s")),
+    ("first_step", "start to first step", lambda f: (
+        f"start to first step, tiny: phasetrain run CONFIG.yaml {f['phasetrain_run_s']:.2f} s; plain loop script "
+        f"{f['plain_s']:.2f} s")),
+    ("checkpoint_save", "checkpoint save, heavy", lambda f: (
+        f"checkpoint save, heavy ({f['model_megabytes']:.1f} MB of weights, SGD): blocking "
+        f"{milliseconds(f['blocking_s'])}, total {milliseconds(f['total_s'])}; bare torch.save "
+        f"{milliseconds(f['bare_torch_save_s'])}")),
+    ("resume", "resume", lambda f: (
+        f"resume, tiny (SIGTERM at step {f['stopped_at_step']}, mid-epoch 2): run(resume='latest') to the first "
+        f"step {milliseconds(f['resume_to_first_step_s'])}; a fresh run() to its first step "
+        f"{milliseconds(f['fresh_to_first_step_s'])}")),
+]
+
+
 def extra_lines(extras: dict[str, dict[str, Any]], repeats: int) -> list[str]:
     lines = [f"extra figures (medians of {repeats} fresh processes each):"]
-    figure = extras.get("import")
-    if figure:
-        lines.append(f"  import: {figure['error']}" if "error" in figure else
-                     f"  import (python -c, whole process): phasetrain {figure['phasetrain_s']:.2f} s, "
-                     f"torch + accelerate {figure['torch_accelerate_s']:.2f} s: "
-                     f"{figure['paired_difference_s']:+.2f} s (median of paired differences)")
-    figure = extras.get("cli")
-    if figure:
-        lines.append(f"  CLI start-up: {figure['error']}" if "error" in figure else
-                     f"  CLI start-up ({figure['command']}): --help {figure['help_s']:.2f} s, "
-                     f"run no-such-file.yaml (exit 2) {figure['argument_error_s']:.2f} s")
-    figure = extras.get("first_step")
-    if figure:
-        lines.append(f"  start to first step: {figure['error']}" if "error" in figure else
-                     f"  start to first step, tiny: phasetrain run CONFIG.yaml {figure['phasetrain_run_s']:.2f} s; "
-                     f"plain loop script {figure['plain_s']:.2f} s")
-    figure = extras.get("checkpoint_save")
-    if figure:
-        lines.append(f"  checkpoint save, heavy: {figure['error']}" if "error" in figure else
-                     f"  checkpoint save, heavy ({figure['model_megabytes']:.1f} MB of weights, SGD): "
-                     f"blocking {milliseconds(figure['blocking_s'])}, total {milliseconds(figure['total_s'])}; "
-                     f"bare torch.save {milliseconds(figure['bare_torch_save_s'])}")
-    figure = extras.get("resume")
-    if figure:
-        lines.append(f"  resume: {figure['error']}" if "error" in figure else
-                     f"  resume, tiny (SIGTERM at step {figure['stopped_at_step']}, mid-epoch 2): run(resume='latest') "
-                     f"to the first step {milliseconds(figure['resume_to_first_step_s'])}; a fresh run() to its "
-                     f"first step {milliseconds(figure['fresh_to_first_step_s'])}")
+    for key, name, line in EXTRA_LINES:
+        figure = extras.get(key)
+        if figure:
+            lines.append(f"  {name}: {figure['error']}" if "error" in figure else f"  {line(figure)}")
     return lines
 
 
