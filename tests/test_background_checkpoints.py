@@ -350,3 +350,40 @@ def test_a_signal_stop_is_reported_with_its_checkpoint_on_disk(tmp_path: pathlib
     with pytest.raises(RunInterrupted):
         Trainer(config_for(tmp_path / "run"), callbacks=[TermAt(step=6), sees]).run()
     assert sees.on_disk  # what the stop line names (and what a hook reads) exists when it is said
+
+
+class Buffers(Callback):
+    """State that shares memory: a buffer and a slice of it, both in its state dict (as a flat optimizer
+    buffer and its per-parameter views are). Records what a resume loaded, at the run's start."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.zeros(10)
+        self.view = self.buffer[:4]
+
+    def on_train_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        self.buffer.add_(0.5)
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        self.loaded = (self.view.clone(), self.view.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer, "view": self.view}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer, self.view = state["buffer"], state["view"]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_tensors_that_share_memory_share_it_after_a_resume_as_torch_save_keeps_them(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, background: bool) -> None:
+    disk = SlowDisk(monkeypatch)
+    if not background:
+        disk.release()
+    run_dir = tmp_path / "run"
+    sections = {"checkpoint": {**SECTIONS["checkpoint"], "background": background}}
+    with pytest.raises(Crash):  # in the background, step 4's checkpoint is written after steps 5 and 6
+        Trainer(config_for(run_dir, **sections), callbacks=[Buffers(), Watch(6, disk), CrashAt(step=7)]).run()
+    resumed = Buffers()
+    Trainer(config_for(run_dir, **sections), callbacks=[resumed]).run(resume="latest")
+    view, shares = resumed.loaded
+    assert torch.equal(view, torch.full((4,), 2.0)) and shares  # step 4's values, still a view of the buffer
