@@ -22,6 +22,7 @@ _EXPORTS = {
     "phasetrain.graph": ("PhaseGraph",),
     "phasetrain.history": ("RunHistory",),
     "phasetrain.phases": ("Phase", "TestPhase"),
+    "phasetrain.runs": ("SavedRun", "load_model", "load_run"),
     "phasetrain.signals": ("RunInterrupted",),
     "phasetrain.state": ("RunState",),
     "phasetrain.trainer": ("Trainer",),
@@ -31,8 +32,8 @@ __all__ = [
     "EMA", "Callback", "CallbackError", "CheckpointConfig", "CheckpointError", "Condition", "ConfigError",
     "ConsoleSummary", "CorruptCheckpoint", "DataError", "EarlyStopping", "Freeze", "GraphError", "HistoryRecorder",
     "ImportSpec", "MetricsFile", "NonFiniteLossError", "Phase", "PhaseGraph", "PhasetrainError", "ProgressBar", "RunConfig", "RunDirError", "RunHistory",
-    "RunInterrupted", "RunState", "TestPhase", "TrainConfig", "Trainer", "__version__", "every_n_epochs",
-    "every_n_steps", "on_epoch", "on_last_epoch",
+    "RunInterrupted", "RunState", "SavedRun", "TestPhase", "TrainConfig", "Trainer", "__version__", "every_n_epochs",
+    "every_n_steps", "load_model", "load_run", "on_epoch", "on_last_epoch",
 ]
 
 
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
     from phasetrain.graph import PhaseGraph
     from phasetrain.history import RunHistory
     from phasetrain.phases import Phase, TestPhase
+    from phasetrain.runs import SavedRun, load_model, load_run
     from phasetrain.signals import RunInterrupted
     from phasetrain.state import RunState
     from phasetrain.trainer import Trainer

@@ -279,10 +279,7 @@ class HistoryRecorder(Callback):
     """Keeps ``trainer.run_history`` up to date with every epoch-level record."""
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if record["kind"] == "epoch":
-            for key, value in record.items():
-                if "/" in key:
-                    trainer.run_history.update_metric(key, value)
+        trainer.run_history.add_record(record)
 
 
 class MetricsFile(Callback):

@@ -301,7 +301,7 @@ class Checkpoints:
         # the same checkpoint corrupt and fall back together.
         processes = [_load(path / f"process-{rank}.pt") for rank in range(saved["processes"])]
         return _Contents(saved, state, _load(path / "state.pt"),
-                         {name: _load_weights(path / f"{name}.safetensors") for name in saved["requires_grad"]},
+                         {name: read_weights(path / f"{name}.safetensors") for name in saved["requires_grad"]},
                          processes)
 
     def _apply(self, path: pathlib.Path, contents: _Contents, to_load: Mapping[str, Any],
@@ -312,7 +312,7 @@ class Checkpoints:
             if name not in contents.weights:
                 raise CheckpointError(f"checkpoint {path} holds no weights for {name!r} (it holds "
                                       f"{sorted(contents.weights)})")
-            _load_module(module, path, contents.weights[name], contents.saved["requires_grad"][name])
+            load_module(module, path, contents.weights[name], contents.saved["requires_grad"][name])
         for name, obj in to_load.items():
             if obj is not None and name not in modules and name in contents.states:
                 obj.load_state_dict(contents.states[name])
@@ -460,7 +460,7 @@ def _why(exc: Exception) -> str:
     return line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
 
 
-def _load_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
+def read_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     try:
         return load_file(str(path))
@@ -468,7 +468,7 @@ def _load_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
         raise CorruptCheckpoint(f"cannot load {path} as safetensors ({type(exc).__name__}: {_why(exc)})") from exc
 
 
-def _load_module(module: torch.nn.Module, path: pathlib.Path, saved: dict[str, torch.Tensor],
+def load_module(module: torch.nn.Module, path: pathlib.Path, saved: dict[str, torch.Tensor],
                  requires_grad: dict[str, bool]) -> None:
     """Load ``saved`` (read from checkpoint ``path``) into ``module``; a CheckpointError lists any key or
     shape that does not match."""

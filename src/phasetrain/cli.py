@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     commands_by_name = {"run": _run, "resume": _resume, "graph": _graph, "plan": _plan, "plot": _plot,
-                        "report": _report}
+                        "report": _report, "evaluate": _evaluate, "predict": _predict}
     with warnings.catch_warnings(), _signals_caught_early(args.command in ("run", "resume")):
         warnings.showwarning = _show_warning
         try:
@@ -95,7 +95,31 @@ def _parser() -> argparse.ArgumentParser:
     _run_file_command(commands, "report", "write a run's report: one self-contained HTML page",
                       "Write one HTML page (no network, no script) with the run's config, phase graph, curves, "
                       "phase timeline, checkpoints and final metrics.")
+    evaluate = _use_command(commands, "evaluate", "print the loss and metrics of a trained run on a split",
+                            "Evaluate the run's model with its trained weights on a split of its data: the loss and "
+                            "every metric of its config. Writes nothing.")
+    evaluate.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    predict = _use_command(commands, "predict", "write a trained run's outputs for a split, in dataset order",
+                           "Write the model's outputs for every sample of a split, in dataset order.")
+    predict.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path(PREDICTIONS[0]),
+                         help=f"a {'/'.join(PREDICTIONS[1])} file (default: {PREDICTIONS[0]} here)")
     return parser
+
+
+#: predict's default output and the suffixes -o takes.
+PREDICTIONS = ("predictions.pt", (".pt", ".npy", ".csv"))
+
+
+def _use_command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    command: argparse.ArgumentParser = commands.add_parser(name, help=summary, description=description)
+    command.add_argument("run_dir", type=pathlib.Path, help="the run folder (holds config.yaml and the weights)")
+    command.add_argument("--split", choices=("test", "eval", "train"), default="test", help="default: test")
+    command.add_argument("--weights", default="final",
+                         help="final (default), best, latest, ema, or a checkpoint's name or folder")
+    command.add_argument("--batch-size", type=int, metavar="N", default=None,
+                         help="evaluation batch size per process (default: the run's)")
+    _add_num_processes(command)
+    return command
 
 
 #: The file each command that reads a run folder writes: its default name in RUN_DIR, and the suffixes -o takes.
@@ -255,6 +279,55 @@ def _report(args: argparse.Namespace) -> int:
     write_report(args.run_dir, output)
     print(f"wrote {output}")
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from phasetrain.run_folder import RunFolder
+    run = _run_to_use(args)
+    launched = _launch_instead(args, RunFolder(run.path), lock=False)
+    if launched is not None:
+        return launched
+    from phasetrain.runs import evaluate_run
+    results = evaluate_run(run, args.split, args.weights, args.batch_size)
+    if is_main_process():
+        import json
+        print(json.dumps(results) if args.json else "  ".join(f"{name} {value:.4f}" for name, value in results.items()))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from phasetrain.errors import RunDirError
+    output, suffixes = args.output, PREDICTIONS[1]
+    if output.suffix.lower() not in suffixes:
+        raise RunDirError(f"-o {output}: the file name must end in {', '.join(suffixes)}")
+    if output.is_dir() or not output.parent.is_dir():
+        raise RunDirError(f"cannot write {output}: {'it is a folder' if output.is_dir() else 'its folder does not exist'}")
+    from phasetrain.run_folder import RunFolder
+    run = _run_to_use(args)
+    launched = _launch_instead(args, RunFolder(run.path), lock=False)
+    if launched is not None:
+        return launched
+    from phasetrain.runs import predict_run, write_predictions
+    outputs = predict_run(run, args.split, args.weights, args.batch_size)
+    if is_main_process():
+        write_predictions(outputs, output)
+        print(f"wrote {output}: the outputs for {len(outputs)} {args.split} samples")
+    return 0
+
+
+def _run_to_use(args: argparse.Namespace) -> Any:
+    """The run folder evaluate/predict read, its weights checked before torch is imported for the work."""
+    from phasetrain.config import ensure_importable_cwd
+    from phasetrain.launch import check_command
+    from phasetrain.runs import load_run
+    check_command(args.num_processes)
+    ensure_importable_cwd()
+    if args.batch_size is not None and args.batch_size < 1:
+        from phasetrain.errors import ConfigError
+        raise ConfigError(f"--batch-size {args.batch_size}: expected a number of samples >= 1")
+    run = load_run(args.run_dir)
+    run.weights_file(args.weights)
+    return run
 
 
 def _output(args: argparse.Namespace) -> pathlib.Path:

@@ -1,6 +1,7 @@
 """RunHistory: every epoch-level metric of a run, with pytorch-accelerated's method names."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -18,6 +19,13 @@ class RunHistory:
 
     def update_metric(self, metric_name: str, metric_value: float) -> None:
         self._metrics.setdefault(metric_name, []).append(float(metric_value))
+
+    def add_record(self, record: Mapping[str, Any]) -> None:
+        """Take the metrics of an epoch-level record (a ``metrics.jsonl`` line); other kinds hold none."""
+        if record["kind"] == "epoch":
+            for key, value in record.items():
+                if "/" in key:
+                    self.update_metric(key, value)
 
     def get_metric_names(self) -> set[str]:
         return set(self._metrics)
