@@ -256,6 +256,11 @@ def phasetrain_off(job: Job, record: Record) -> None:
     phasetrain_loop(job, record, phasetrain_config(job, train=options, checkpoint={"every_epochs": 0}))
 
 
+def phasetrain_compiled(job: Job, record: Record) -> None:
+    """The defaults with ``train.compile: true`` (torch.compile; the first epoch pays the compilation)."""
+    phasetrain_loop(job, record, phasetrain_config(job, train={"compile": True}, checkpoint={}))
+
+
 def phasetrain_bf16(job: Job, record: Record) -> None:
     """The defaults with ``train.mixed_precision: bf16``."""
     phasetrain_loop(job, record, phasetrain_config(job, train={"mixed_precision": "bf16"}, checkpoint={}))
@@ -270,6 +275,7 @@ LOOPS: dict[str, Callable[[Job, Record], None]] = {
     "ignite": ignite_loop,
     "lightning": lightning_loop,
     "pytorch-accelerated": pytorch_accelerated_loop,
+    "phasetrain-compiled": phasetrain_compiled,
     "phasetrain-bf16": phasetrain_bf16,
 }
 

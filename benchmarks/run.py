@@ -14,7 +14,8 @@ The loops (benchmarks/loops.py): ``plain`` (DataLoader(shuffle=True), forward, l
 zero_grad); ``plain, indexed`` (the same without a DataLoader: each batch indexed out of the data's tensors
 by a random permutation, as phasetrain reads a TensorDataset); ``phasetrain defaults`` (``Trainer(RunConfig, train_data=...).run()``: progress bar, console lines,
 metrics.jsonl, a checkpoint every epoch); ``phasetrain off`` (no progress bar, ``log_every_steps: 0``, no
-checkpoints); ``accelerate`` (a hand-written loop through ``Accelerator(cpu=True)``); ``ignite``
+checkpoints); ``phasetrain compiled`` (the defaults with ``train.compile: true``; the first epoch, which
+compiles, is one of the intervals the median leaves behind); ``accelerate`` (a hand-written loop through ``Accelerator(cpu=True)``); ``ignite``
 (``create_supervised_trainer``); ``lightning`` (a LightningModule and a default ``lightning.Trainer``: progress
 bar, model summary, logger and per-epoch ModelCheckpoint kept); ``pytorch-accelerated`` (its ``Trainer`` with
 its default callbacks, ``num_workers=0``). The model, the data, the batch size and the number of optimizer
@@ -95,8 +96,8 @@ REFERENCE_DIR = ROOT / ".reference"
 PEERS = {"ignite": "pytorch-ignite==0.5.5", "lightning": "lightning==2.6.6",
          "lightning_utilities": "lightning-utilities==0.15.3"}
 #: The table's loops, in its order (benchmarks/loops.py has one more, for the GPU variant).
-TABLE_LOOPS = ("plain", "plain-indexed", "phasetrain", "phasetrain-off", "accelerate", "ignite", "lightning", "pytorch-accelerated")
-LABELS = {"plain-indexed": "plain, indexed", "phasetrain": "phasetrain defaults", "phasetrain-off": "phasetrain off", "phasetrain-bf16": "phasetrain bf16"}
+TABLE_LOOPS = ("plain", "plain-indexed", "phasetrain", "phasetrain-off", "phasetrain-compiled", "accelerate", "ignite", "lightning", "pytorch-accelerated")
+LABELS = {"plain-indexed": "plain, indexed", "phasetrain": "phasetrain defaults", "phasetrain-compiled": "phasetrain compiled", "phasetrain-off": "phasetrain off", "phasetrain-bf16": "phasetrain bf16"}
 TABLE_WORKLOADS = ("tiny", "heavy")
 QUICK = {"repeats": 2, "epochs": 3, "heavy_steps_per_epoch": 8}
 CHILD_TIMEOUT_S = 900  # one child that hangs fails its cell, not the suite

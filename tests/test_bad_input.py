@@ -116,7 +116,7 @@ def test_cli_prints_one_line_for_a_config_typo(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 2
     expected = ("phasetrain: error: examples/digits.yaml: invalid config: train.epohcs: unknown key, did you mean "
                 "'epochs'? (known keys: epochs, batch_size, eval_batch_size, grad_accum_steps, max_grad_norm, "
-                "max_grad_value, max_steps, limit_batches, fast_dev_run, sync_batchnorm, mixed_precision, num_workers, "
+                "max_grad_value, max_steps, limit_batches, fast_dev_run, sync_batchnorm, mixed_precision, compile, compile_mode, num_workers, "
                 "eval_every, shuffle, drop_last, log_every_steps, progress_bar, nonfinite_loss)")
     assert result.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "run").exists()

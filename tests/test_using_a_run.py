@@ -174,3 +174,33 @@ def test_bad_input_to_evaluate_and_predict_is_one_line_and_exit_2(finished: path
 def test_an_unknown_split_is_refused_by_the_parser() -> None:
     done = phasetrain("evaluate", "runs/x", "--split", "valid")
     assert done.returncode == 2 and "argument --split: invalid choice: 'valid' (choose from 'test', 'eval', 'train')" in done.stderr
+
+
+COMPILED = {"train": {"epochs": 2, "compile": True}, "checkpoint": {"every_steps": 20, "every_epochs": 0, "keep_last": 9}}
+
+
+def test_a_compiled_run_trains_alike_and_its_weights_load_into_an_uncompiled_model(tmp_path: pathlib.Path) -> None:
+    trainer = Trainer(digits_config(tmp_path / "compiled", **COMPILED))
+    assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)  # torch.compile's own wrapper
+    compiled_history = trainer.run()
+    eager_history = Trainer(digits_config(tmp_path / "eager", train={"epochs": 2})).run()
+    compiled = compiled_history.get_latest_metric("test/accuracy")
+    assert abs(compiled - eager_history.get_latest_metric("test/accuracy")) < 0.05  # inductor rounds otherwise
+    saved = load_file(str(tmp_path / "compiled" / "checkpoints" / "epoch002-step0000080-train_epoch" / "model.safetensors"))
+    assert sorted(saved) == sorted(make_model(hidden=64).state_dict())  # no _orig_mod. prefixes
+    model = load_model(tmp_path / "compiled")  # eager, from the config
+    inputs, targets = make_data(seed=0)["test"].tensors
+    with torch.no_grad():
+        accuracy = float((model(inputs).argmax(1) == targets).float().mean())
+    assert abs(accuracy - compiled) < 0.01
+
+
+def test_a_compiled_run_resumes_exactly(tmp_path: pathlib.Path) -> None:
+    whole = Trainer(digits_config(tmp_path / "whole", **COMPILED))
+    whole.run()
+    with pytest.raises(Crash):
+        Trainer(digits_config(tmp_path / "cut", **COMPILED), callbacks=[CrashAt(step=50)]).run()
+    resumed = Trainer(digits_config(tmp_path / "cut", **COMPILED))
+    resumed.run(resume="latest")
+    for a, b in zip(load_model(tmp_path / "whole").parameters(), load_model(tmp_path / "cut").parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -39,6 +39,13 @@ def make_accelerator(mixed_precision: str, trackers: Sequence[str] = (), logging
     return accelerator
 
 
+def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside ``model``, without the DDP, mixed-precision or ``torch.compile`` wrappers: the one
+    whose state dict is saved and loaded (a compiled module's would prefix every key with ``_orig_mod.``)."""
+    bare: torch.nn.Module = accelerator.unwrap_model(model, keep_torch_compile=False)
+    return bare
+
+
 def process_state() -> Any:
     """accelerate's ``PartialState`` (rank, process count, barriers) as this launch needs it: the first
     call in a process decides it for every later one, so phasetrain never asks for it any other way."""
@@ -117,12 +124,17 @@ def release_at_exit(trainer: Any) -> None:
     """
     ref = weakref.ref(trainer)
 
-    def release() -> None:
+    def release_if_alive() -> None:
         alive = ref()
-        if alive is None:
-            return
-        alive.model = alive.accelerator.unwrap_model(alive.model)
-        alive.accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
-        alive.accelerator.end_training()  # destroys the process group
+        if alive is not None:
+            release(alive)
 
-    atexit.register(release)
+    atexit.register(release_if_alive)
+
+
+def release(trainer: Any) -> None:
+    """Let go of DDP and destroy the process group now (see ``release_at_exit``): for a trainer that is done
+    with, when the process does not end with it (``phasetrain evaluate`` drops its trainer long before)."""
+    trainer.model = bare_model(trainer.accelerator, trainer.model)
+    trainer.accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
+    trainer.accelerator.end_training()  # destroys the process group

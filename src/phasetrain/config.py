@@ -164,6 +164,10 @@ class TrainConfig(Section):
     sync_batchnorm: StrictBool = Field(False, description="convert BatchNorm layers to SyncBatchNorm when "
                                        "running on several processes")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    compile: StrictBool = Field(False, description="compile the model with torch.compile: faster steps after the "
+                                "first ones, which compile; checkpoints hold the uncompiled model's weights")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile's mode (with compile: true)")
     num_workers: StrictInt = Field(0, ge=0)
     eval_every: StrictInt = Field(1, ge=1, description="evaluate every N epochs (and after the last epoch)")
     shuffle: StrictBool = True

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from phasetrain.accelerator import bare_model
 from phasetrain.callbacks import Callback
 from phasetrain.errors import CheckpointError
 from phasetrain.phases import prefixed
@@ -70,7 +71,7 @@ class EMA(Callback):
             warnings.warn(f"checkpoint.monitor {policy.monitor!r} ranks checkpoints by the averaged weights, but "
                           "best.safetensors holds the model's own weights of the best checkpoint; the averaged "
                           "ones are in that checkpoint's EMA state and, at the end, in ema.safetensors", stacklevel=2)
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = bare_model(trainer.accelerator, trainer.model)
         params, buffers = list(model.named_parameters()), list(model.named_buffers())
         self._names = [name for name, _ in params + buffers]
         self._live = [tensor.detach() for _, tensor in params + buffers]

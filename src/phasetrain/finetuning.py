@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from phasetrain.accelerator import bare_model
 from phasetrain.callbacks import say
 from phasetrain.conditions import on_epoch
 from phasetrain.errors import ConfigError
@@ -61,7 +62,7 @@ class Freeze(Phase):
             raise ConfigError(f"phase {self.name!r} ({type(self).__name__}) changes which parameters train after "
                               f"the model is wrapped for {trainer.accelerator.num_processes} processes, which "
                               "DistributedDataParallel does not allow; run it in a single process")
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = bare_model(trainer.accelerator, trainer.model)
         matched = self.matched(model)
         if self.frozen and len(matched) == len(list(model.parameters())):
             raise ConfigError(f"phase {self.name!r}: patterns {self.patterns} match every parameter of the "
@@ -89,7 +90,7 @@ class Freeze(Phase):
                 if any(fnmatch.fnmatchcase(scope, p) for p in self.patterns for scope in scopes[name])]
 
     def run(self, trainer: Trainer) -> None:
-        matched = self.matched(trainer.accelerator.unwrap_model(trainer.model))
+        matched = self.matched(bare_model(trainer.accelerator, trainer.model))
         for _, param in matched:
             param.requires_grad_(not self.frozen)
             if self.frozen:

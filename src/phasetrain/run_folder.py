@@ -238,8 +238,10 @@ class RunFolder:
         accelerator.wait_for_everyone()
         if self.is_main_process:
             from safetensors.torch import save_model
+
+            from phasetrain.accelerator import bare_model
             with atomic_path(path) as tmp:
-                save_model(accelerator.unwrap_model(model), str(tmp))
+                save_model(bare_model(accelerator, model), str(tmp))
         accelerator.wait_for_everyone()
 
 

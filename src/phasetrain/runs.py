@@ -146,20 +146,29 @@ def evaluate_run(run: SavedRun, split: str = "test", weights: str | os.PathLike[
                  batch_size: int | None = None) -> dict[str, float]:
     """Loss and every metric of the run's config on ``split`` of its data, with ``weights``: what
     ``phasetrain evaluate`` prints. Every process of a launch calls it; each sample counts once."""
+    from phasetrain.accelerator import release
     trainer, dataset = _trainer_for(run, split, weights, batch_size)
-    return {f"{split}/{name}": value for name, value in trainer.evaluate(dataset).items()}
+    try:
+        return {f"{split}/{name}": value for name, value in trainer.evaluate(dataset).items()}
+    finally:
+        release(trainer)
 
 
 def predict_run(run: SavedRun, split: str = "test", weights: str | os.PathLike[str] = "final",
                 batch_size: int | None = None) -> Any:
     """The model's outputs for every sample of ``split``, in dataset order, gathered from every process."""
+    from phasetrain.accelerator import release
     trainer, dataset = _trainer_for(run, split, weights, batch_size)
-    return trainer.predict(dataset)
+    try:
+        return trainer.predict(dataset)
+    finally:
+        release(trainer)
 
 
 def _trainer_for(run: SavedRun, split: str, weights: str | os.PathLike[str], batch_size: int | None) -> tuple[Any, Any]:
     """A Trainer of the run's config with ``weights`` loaded, and the dataset ``split``. It writes nothing: no run
     folder is claimed (run() is never called) and no tracker is started."""
+    from phasetrain.accelerator import bare_model
     from phasetrain.checkpoint import load_module, read_weights
     from phasetrain.trainer import Trainer
     data = run.config.data
@@ -178,7 +187,7 @@ def _trainer_for(run: SavedRun, split: str, weights: str | os.PathLike[str], bat
     dataset = getattr(trainer.data, split)
     if dataset is None:
         raise RunDirError(f"the data of run {run.path} ({data.target}) has no {split} split")
-    load_module(trainer.accelerator.unwrap_model(trainer.model), path, read_weights(path), requires_grad={})
+    load_module(bare_model(trainer.accelerator, trainer.model), path, read_weights(path), requires_grad={})
     return trainer, dataset
 
 

@@ -22,13 +22,13 @@ import pathlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset, IterableDataset
 
-from phasetrain.accelerator import direct_steps, make_accelerator, release_at_exit
+from phasetrain.accelerator import bare_model, direct_steps, make_accelerator, release_at_exit
 from phasetrain.batches import RunData
 from phasetrain.bookkeeping import MonitorValue, bookkeeping_callbacks, scheduler_stepping, warn_if_never_logged
 from phasetrain.callbacks import Callback, CallbackList, say, with_callbacks
@@ -98,6 +98,8 @@ class Trainer(TrainerSteps):
                                   f"{accelerator.num_processes} processes run on the CPU; set train.sync_batchnorm=false")
             parts.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(parts.model)
         self.model, self.optimizer = accelerator.prepare(parts.model, parts.optimizer)
+        if cfg.train.compile:  # around the prepared model, as accelerate's dynamo plugin does; saving unwraps it
+            self.model = cast(torch.nn.Module, torch.compile(self.model, mode=cfg.train.compile_mode))
         self.loss_fn = parts.loss_fn
         self.metrics = {name: metric.to(accelerator.device) for name, metric in parts.metrics.items()}
         self.data = RunData(parts.datasets, cfg.train, cfg.seed, process_index=accelerator.process_index,
@@ -231,7 +233,7 @@ class Trainer(TrainerSteps):
         """
         if resume is not None and self.run_folder.finished:  # answered without touching the folder
             from safetensors.torch import load_model
-            load_model(self.accelerator.unwrap_model(self.model), str(self.run_folder.final_weights))
+            load_model(bare_model(self.accelerator, self.model), str(self.run_folder.final_weights))
             say(f"run {self.run_folder.path} is finished: its final weights ({self.run_folder.final_weights.name}) "
                 "are loaded into the model; nothing to resume")
             return self.run_history
@@ -391,7 +393,7 @@ class Trainer(TrainerSteps):
 
     def _to_save(self) -> dict[str, Any]:
         # Largest first (AdamW's state is twice the model): each file's fsync overlaps writing the next.
-        return {"optimizer": self.optimizer.optimizer, "model": self.accelerator.unwrap_model(self.model),
+        return {"optimizer": self.optimizer.optimizer, "model": bare_model(self.accelerator, self.model),
                 "scheduler": self.scheduler, "scaler": self.accelerator.scaler, "callbacks": self.callbacks,
                 "phases": self.machine.graph, "history": self.run_history}
 
@@ -413,7 +415,7 @@ class Trainer(TrainerSteps):
             if self.check_steps_before_run:
                 check_loss_step(self.calculate_eval_batch_loss, self.model, batch, type(self).__name__)
         elif batch is not None:
-            check_model_fits_loss(self.model, self.loss_fn, batch)
+            check_model_fits_loss(bare_model(self.accelerator, self.model), self.loss_fn, batch)  # not compiled for 2
         self.run_folder.claim(self.config, self._graph_description())
 
     def _graph_description(self) -> str:
