@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from phasetrain.errors import CallbackError
+from phasetrain.history import add_record
 from phasetrain.timing import shares
 
 if TYPE_CHECKING:
@@ -279,7 +280,7 @@ class HistoryRecorder(Callback):
     """Keeps ``trainer.run_history`` up to date with every epoch-level record."""
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        trainer.run_history.add_record(record)
+        add_record(trainer.run_history, record)
 
 
 class MetricsFile(Callback):

@@ -1,4 +1,5 @@
-"""The command line: ``phasetrain run | resume | graph | plan | plot | report`` (also ``python -m phasetrain``).
+"""The command line: ``phasetrain run | resume | graph | plan | plot | report | evaluate | predict`` (also
+``python -m phasetrain``).
 
 Errors of the user's input or machine (a bad config, a full disk, a busy run folder) print one
 ``phasetrain: error: ...`` line and exit 2; a stop signal exits 130 (SIGINT) or 143 (SIGTERM) after its
@@ -113,7 +114,7 @@ PREDICTIONS = ("predictions.pt", (".pt", ".npy", ".csv"))
 def _use_command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     command: argparse.ArgumentParser = commands.add_parser(name, help=summary, description=description)
     command.add_argument("run_dir", type=pathlib.Path, help="the run folder (holds config.yaml and the weights)")
-    command.add_argument("--split", choices=("test", "eval", "train"), default="test", help="default: test")
+    command.add_argument("--split", default="test", help="test (default), eval or train")
     command.add_argument("--weights", default="final",
                          help="final (default), best, latest, ema, or a checkpoint's name or folder")
     command.add_argument("--batch-size", type=int, metavar="N", default=None,
@@ -311,7 +312,10 @@ def _predict(args: argparse.Namespace) -> int:
     outputs = predict_run(run, args.split, args.weights, args.batch_size)
     if is_main_process():
         write_predictions(outputs, output)
-        print(f"wrote {output}: the outputs for {len(outputs)} {args.split} samples")
+        import torch
+        counted = f"the outputs for {len(outputs)} {args.split} samples" if isinstance(outputs, torch.Tensor) else \
+            f"the {args.split} split's outputs"
+        print(f"wrote {output}: {counted}")
     return 0
 
 
@@ -322,9 +326,12 @@ def _run_to_use(args: argparse.Namespace) -> Any:
     from phasetrain.runs import load_run
     check_command(args.num_processes)
     ensure_importable_cwd()
+    from phasetrain.errors import ConfigError
+    from phasetrain.runs import SPLITS
     if args.batch_size is not None and args.batch_size < 1:
-        from phasetrain.errors import ConfigError
         raise ConfigError(f"--batch-size {args.batch_size}: expected a number of samples >= 1")
+    if args.split not in SPLITS:
+        raise ConfigError(f"--split {args.split}: expected one of {', '.join(SPLITS)}")
     run = load_run(args.run_dir)
     run.weights_file(args.weights)
     return run

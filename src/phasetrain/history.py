@@ -20,12 +20,6 @@ class RunHistory:
     def update_metric(self, metric_name: str, metric_value: float) -> None:
         self._metrics.setdefault(metric_name, []).append(float(metric_value))
 
-    def add_record(self, record: Mapping[str, Any]) -> None:
-        """Take the metrics of an epoch-level record (a ``metrics.jsonl`` line); other kinds hold none."""
-        if record["kind"] == "epoch":
-            for key, value in record.items():
-                if "/" in key:
-                    self.update_metric(key, value)
 
     def get_metric_names(self) -> set[str]:
         return set(self._metrics)
@@ -43,3 +37,13 @@ class RunHistory:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._metrics = {name: [float(v) for v in values] for name, values in state.items()}
+
+
+def add_record(history: Any, record: Mapping[str, Any]) -> None:
+    """Put the metrics of an epoch-level record (a ``metrics.jsonl`` line) into ``history``: a RunHistory, or
+    any object with ``update_metric`` (what a ``create_run_history`` override may return). Other kinds of
+    record hold none."""
+    if record["kind"] == "epoch":
+        for key, value in record.items():
+            if "/" in key:
+                history.update_metric(key, value)

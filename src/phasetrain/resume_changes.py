@@ -24,6 +24,16 @@ SCHEDULED = ("lr", "momentum", "betas")
 NO_EFFECT = ("train.log_every_steps", "train.progress_bar", "checkpoint.", "tracking")
 
 
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the keys added since it was written filled in with their defaults: a key
+    this phasetrain has and that config lacks is not a change (its default is what that run ran with)."""
+    from phasetrain.config import RunConfig
+    try:
+        return RunConfig.from_dict(saved).to_dict()
+    except ConfigError:  # a config this phasetrain no longer reads: compared as saved, changes are named
+        return saved
+
+
 def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ (run_dir and overwrite do not change the run's result)."""
     changed = []

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from phasetrain.config import RunConfig
 from phasetrain.curves import read_records
 from phasetrain.errors import RunDirError
-from phasetrain.history import RunHistory
+from phasetrain.history import RunHistory, add_record
 from phasetrain.run_folder import RunFolder, read_latest
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class SavedRun:
 
     @functools.cached_property
     def latest_checkpoint(self) -> pathlib.Path | None:
-        """The checkpoint a resume would continue from."""
+        """The checkpoint ``checkpoints/latest`` names (else the newest): where a resume starts, if it is intact."""
         latest = read_latest(self.path / "checkpoints")
         return latest if latest is not None and latest.is_dir() else (self.checkpoints[-1] if self.checkpoints else None)
 
@@ -73,8 +73,9 @@ class SavedRun:
             return self.best_weights
         if weights == "ema":
             if self.ema_weights is None:
-                raise RunDirError(f"run {self.path} has no EMA weights (ema.safetensors): it was trained without the "
-                                  "EMA callback")
+                why = ("it was trained without the EMA callback" if self.finished else
+                       "the EMA callback writes it when the run finishes; use weights='latest' meanwhile")
+                raise RunDirError(f"run {self.path} has no EMA weights (ema.safetensors): {why}")
             return self.ema_weights
         from phasetrain.checkpoint import BEST_MODULE, intact
         checkpoint = self._checkpoint(weights)
@@ -106,7 +107,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> SavedRun:
     records = read_records(folder.path)
     history = RunHistory()
     for record in records:
-        history.add_record(record)
+        add_record(history, record)
     return SavedRun(
         path=folder.path, config=config, history=history, records=records, finished=folder.finished,
         final_weights=_existing(folder.final_weights), best_weights=_existing(folder.best_weights),
@@ -180,7 +181,10 @@ def _trainer_for(run: SavedRun, split: str, weights: str | os.PathLike[str], bat
         raise RunDirError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     path = run.weights_file(weights)  # before anything is built: a missing file is answered at once
     config = run.config.model_copy(deep=True)
-    config.tracking.log_with = []
+    # Only the model, the data, the loss and the metrics: no tracker, no phases or callbacks of the run's (a
+    # Freeze phase refuses several processes), every batch of the split.
+    config.tracking.log_with, config.phases, config.callbacks = [], [], []
+    config.train.limit_batches = None
     if batch_size is not None:
         config.train.eval_batch_size = batch_size
     trainer = Trainer(config)
@@ -203,7 +207,8 @@ def write_predictions(outputs: Any, path: pathlib.Path) -> None:
     rows = outputs.detach().cpu().reshape(len(outputs), -1)
     if path.suffix.lower() == ".npy":
         import numpy as np
-        np.save(path, outputs.detach().cpu().numpy())
+        with open(path, "wb") as file:  # given a name, numpy.save would add .npy to P.NPY
+            np.save(file, outputs.detach().cpu().numpy())
         return
     header = ",".join(["index", *(f"output_{i}" for i in range(rows.shape[1]))])
     lines = [header, *(",".join([str(index), *(repr(float(v)) for v in row)]) for index, row in enumerate(rows.tolist()))]

@@ -43,7 +43,7 @@ from phasetrain.history import RunHistory
 from phasetrain.losses import TrainLoss
 from phasetrain.machine import PhaseMachine
 from phasetrain.phases import Phase, prefixed
-from phasetrain.resume_changes import apply_changes, refuse_changes, refuse_other_process_count
+from phasetrain.resume_changes import apply_changes, refuse_changes, refuse_other_process_count, with_defaults
 from phasetrain.rng import ProcessRNG
 from phasetrain.run_folder import RunFolder
 from phasetrain.signals import RunInterrupted, StopSignals
@@ -261,9 +261,9 @@ class Trainer(TrainerSteps):
         current, saved_config, saved_processes = self.config.to_dict(), {}, []
 
         def refuse(path: pathlib.Path, saved: dict[str, Any]) -> None:  # before anything is loaded
-            saved_config.update(saved["config"])
+            saved_config.update(with_defaults(saved["config"]))
             saved_processes.append(saved["processes"])
-            refuse_changes(saved["config"], current, path.name, int(saved["state"]["epoch"]),
+            refuse_changes(saved_config, current, path.name, int(saved["state"]["epoch"]),
                            int(saved["state"]["optimizer_step"]), self._scheduler_sized_by())
             refuse_other_process_count(path.name, saved["processes"], self.accelerator.num_processes,
                                        self.config.scheduler.args if self.config.scheduler is not None else None)
