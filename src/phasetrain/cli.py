@@ -283,9 +283,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from phasetrain.run_folder import RunFolder
-    run = _run_to_use(args)
-    launched = _launch_instead(args, RunFolder(run.path), lock=False)
+    run, launched = _run_to_use(args)
     if launched is not None:
         return launched
     from phasetrain.runs import evaluate_run
@@ -303,9 +301,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise RunDirError(f"-o {output}: the file name must end in {', '.join(suffixes)}")
     if output.is_dir() or not output.parent.is_dir():
         raise RunDirError(f"cannot write {output}: {'it is a folder' if output.is_dir() else 'its folder does not exist'}")
-    from phasetrain.run_folder import RunFolder
-    run = _run_to_use(args)
-    launched = _launch_instead(args, RunFolder(run.path), lock=False)
+    run, launched = _run_to_use(args)
     if launched is not None:
         return launched
     from phasetrain.runs import predict_run, write_predictions
@@ -319,8 +315,9 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_to_use(args: argparse.Namespace) -> Any:
-    """The run folder evaluate/predict read, its weights checked before torch is imported for the work."""
+def _run_to_use(args: argparse.Namespace) -> tuple[Any, int | None]:
+    """The run evaluate/predict read, its weights checked before torch is imported for the work; and, with
+    ``--num-processes N`` outside a launch, the exit status of the same command run on N processes."""
     from phasetrain.config import ensure_importable_cwd
     from phasetrain.launch import check_command
     from phasetrain.runs import load_run
@@ -334,7 +331,8 @@ def _run_to_use(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--split {args.split}: expected one of {', '.join(SPLITS)}")
     run = load_run(args.run_dir)
     run.weights_file(args.weights)
-    return run
+    from phasetrain.run_folder import RunFolder
+    return run, _launch_instead(args, RunFolder(run.path), lock=False)
 
 
 def _output(args: argparse.Namespace) -> pathlib.Path:
