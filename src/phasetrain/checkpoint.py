@@ -177,7 +177,7 @@ class Checkpoints:
         return f"{reason[:1].lower()}{reason[1:]} writing {final}; {self._intact()} ({advice})"
 
     def _intact(self) -> str:
-        previous = self._latest()
+        previous = self.latest()
         return f"{previous.name} is intact" if previous else "no checkpoint was written before"
 
     def _apply_retention(self, newest: str) -> None:
@@ -241,7 +241,7 @@ class Checkpoints:
             return candidate, opened
         raise CheckpointError(f"no intact checkpoint in {self.folder} to resume from")
 
-    def _latest(self) -> pathlib.Path | None:
+    def latest(self) -> pathlib.Path | None:
         """The checkpoint a resume would start from: the one ``latest`` names, else the newest."""
         named, newest = read_latest(self.folder), self.all()
         return named if named and named.is_dir() else (newest[-1] if newest else None)

@@ -23,7 +23,7 @@ from phasetrain.config import RunConfig
 from phasetrain.curves import read_records
 from phasetrain.errors import RunDirError
 from phasetrain.history import RunHistory, add_record
-from phasetrain.run_folder import RunFolder, read_latest
+from phasetrain.run_folder import RunFolder
 
 if TYPE_CHECKING:
     import torch
@@ -48,14 +48,17 @@ class SavedRun:
     @functools.cached_property
     def checkpoints(self) -> list[pathlib.Path]:
         """The run's checkpoint folders, oldest first."""
-        from phasetrain.checkpoint import Checkpoints
-        return Checkpoints(self.path / "checkpoints", self.config.checkpoint, process=None).all()
+        return self._checkpoint_folder.all()
 
     @functools.cached_property
     def latest_checkpoint(self) -> pathlib.Path | None:
         """The checkpoint ``checkpoints/latest`` names (else the newest): where a resume starts, if it is intact."""
-        latest = read_latest(self.path / "checkpoints")
-        return latest if latest is not None and latest.is_dir() else (self.checkpoints[-1] if self.checkpoints else None)
+        return self._checkpoint_folder.latest()
+
+    @property
+    def _checkpoint_folder(self) -> Any:
+        from phasetrain.checkpoint import Checkpoints
+        return Checkpoints(RunFolder(self.path).checkpoints, self.config.checkpoint, process=None)
 
     def weights_file(self, weights: str | os.PathLike[str] = "final") -> pathlib.Path:
         """The safetensors file ``load_model(weights=...)`` reads; a RunDirError says why one is missing."""
@@ -87,9 +90,9 @@ class SavedRun:
             if self.latest_checkpoint is None:
                 raise RunDirError(f"run {self.path} has no checkpoint yet; use weights='final' once it has finished")
             return self.latest_checkpoint
-        path = pathlib.Path(weights)
-        if len(path.parts) == 1 and (self.path / "checkpoints" / path).is_dir():
-            return self.path / "checkpoints" / path
+        path, folder = pathlib.Path(weights), RunFolder(self.path).checkpoints
+        if len(path.parts) == 1 and (folder / path).is_dir():
+            return folder / path
         if path.is_dir():
             return path
         names = ", ".join(c.name for c in self.checkpoints) or "none"
